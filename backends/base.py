@@ -1,0 +1,99 @@
+"""The backend contract: `ChatBackend`, `GenerationConfig`, `BackendError`.
+
+Every backend (the native engine, transformers) behaves the same way behind this interface:
+- `stream(prompt, cfg)` yields raw text pieces; `"".join(pieces) == generate(prompt, cfg)`;
+- a reply stops at the first stop string (which never appears in it), at `max_new_tokens`, or at
+  end-of-text; the same `seed` gives the same reply; `temperature == 0` is greedy;
+- errors a user can cause raise `BackendError` (or `ValueError` for bad settings) saying what to do.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+
+class BackendError(RuntimeError):
+    """A failure the user can fix (unknown backend, missing checkpoint, offline hub, bad config)."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_k: int | None = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        _check(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
+               and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+               "a number >= 0 (0 means greedy)")
+        _check(self.top_k is None or (isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
+                                      and self.top_k >= 0), "top_k", self.top_k, "None or an integer >= 0")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+               self.repetition_penalty, "a number > 0")
+        _check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop), "stop",
+               self.stop, "a tuple of non-empty strings")
+        _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)), "seed",
+               self.seed, "None or an integer")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+class ChatBackend(ABC):
+    """A model that turns a prompt into a streamed reply. Subclasses load lazily where they can."""
+
+    name: str
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int:
+        """How many tokens the model sees at once (prompt + reply)."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt, exactly as `stream` will tokenize it."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
+
+    @abstractmethod
+    def format_chat(self, messages: list[dict]) -> str:
+        """The prompt for `messages` ([{"role", "content"}]), ending with the assistant's cue."""
+
+    @property
+    def role_markers(self) -> tuple[str, ...]:
+        """Strings that mean the model began a turn of its own; the chat loop cuts a reply there."""
+        return ()
+
+    @abstractmethod
+    def stream(self, prompt: str, cfg: GenerationConfig) -> Iterator[str]:
+        """Yield the reply to `prompt` in raw text pieces."""
+
+    def generate(self, prompt: str, cfg: GenerationConfig) -> str:
+        return "".join(self.stream(prompt, cfg))
+
+    def release(self) -> None:
+        """Free the model's memory; the backend may load again on next use."""

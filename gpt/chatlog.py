@@ -1,0 +1,135 @@
+"""The chat log's records and its reader, shared by the app (which writes it) and training (which reads it).
+
+`chat_history.jsonl` is append-only, one JSON object per line:
+- an exchange: {"timestamp", "user", "assistant", "conversation_id", "turn", "backend", "model",
+  "system_prompt", "config"}; the older format {"timestamp", "user", "assistant"} is read too;
+- feedback on an exchange, written later: {"type": "feedback", "conversation_id", "turn", "rating",
+  "edited", "timestamp"} with rating "like", "dislike" or null and `edited` the corrected reply or null.
+
+Readers skip and count malformed lines; they never fail on one. Writing (with a file lock) lives in
+chatapp/history.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RATINGS = ("like", "dislike")
+
+
+@dataclass
+class Exchange:
+    user: str
+    assistant: str
+    conversation_id: str
+    turn: int
+    timestamp: str | None = None
+    backend: str | None = None
+    model: str | None = None
+    system_prompt: str | None = None
+    config: dict | None = None
+
+
+@dataclass
+class Feedback:
+    conversation_id: str
+    turn: int
+    rating: str | None = None
+    edited: str | None = None
+    timestamp: str | None = None
+
+
+@dataclass
+class LogContents:
+    exchanges: list[Exchange] = field(default_factory=list)
+    feedback: list[Feedback] = field(default_factory=list)
+    malformed: int = 0
+
+
+@dataclass
+class Conversation:
+    conversation_id: str
+    system_prompt: str | None
+    exchanges: list[Exchange]
+    ratings: dict[int, str | None]  # turn -> the latest rating
+    edits: dict[int, str]  # turn -> the latest edited reply
+
+    def messages(self) -> list[dict]:
+        """The conversation as chat messages, edits applied (what the assistant should have said)."""
+        out = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for ex in self.exchanges:
+            out.append({"role": "user", "content": ex.user})
+            out.append({"role": "assistant", "content": self.edits.get(ex.turn, ex.assistant)})
+        return out
+
+
+def parse_record(obj, line_number: int) -> Exchange | Feedback:
+    """One decoded JSON line as a record; raises ValueError if it is not one."""
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    if obj.get("type") == "feedback":
+        rating = obj.get("rating")
+        edited = obj.get("edited")
+        if rating not in (*RATINGS, None) or not isinstance(obj.get("conversation_id"), str) \
+                or not isinstance(obj.get("turn"), int) or not (edited is None or isinstance(edited, str)):
+            raise ValueError("bad feedback record")
+        return Feedback(obj["conversation_id"], obj["turn"], rating, edited, obj.get("timestamp"))
+    user, assistant = obj.get("user"), obj.get("assistant")
+    if not isinstance(user, str) or not isinstance(assistant, str):
+        raise ValueError("an exchange needs string 'user' and 'assistant'")
+    conversation_id = obj.get("conversation_id")
+    turn = obj.get("turn", 0)
+    if conversation_id is None:  # the older format: each line stands alone
+        conversation_id = f"legacy-{line_number}"
+    if not isinstance(conversation_id, str) or not isinstance(turn, int) or isinstance(turn, bool):
+        raise ValueError("bad conversation_id or turn")
+    config = obj.get("config")
+    return Exchange(user=user, assistant=assistant, conversation_id=conversation_id, turn=turn,
+                    timestamp=obj.get("timestamp"), backend=obj.get("backend"), model=obj.get("model"),
+                    system_prompt=obj.get("system_prompt"), config=config if isinstance(config, dict) else None)
+
+
+def read_lines(lines: Iterable[str]) -> LogContents:
+    contents = LogContents()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = parse_record(json.loads(line), number)
+        except ValueError:  # json.JSONDecodeError is a ValueError
+            contents.malformed += 1
+            continue
+        (contents.feedback if isinstance(record, Feedback) else contents.exchanges).append(record)
+    return contents
+
+
+def read_log(path: str | Path) -> LogContents:
+    """Every record of the log at `path`. A missing file raises FileNotFoundError."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return read_lines(f)
+
+
+def conversations(contents: LogContents) -> list[Conversation]:
+    """Exchanges grouped by conversation (in turn order) with the latest feedback per turn."""
+    groups: dict[str, list[Exchange]] = {}
+    for ex in contents.exchanges:
+        groups.setdefault(ex.conversation_id, []).append(ex)
+    ratings: dict[tuple[str, int], str | None] = {}
+    edits: dict[tuple[str, int], str] = {}
+    for fb in contents.feedback:
+        key = (fb.conversation_id, fb.turn)
+        if fb.rating is not None or fb.edited is None:
+            ratings[key] = fb.rating
+        if fb.edited is not None:
+            edits[key] = fb.edited
+    out = []
+    for cid, exchanges in groups.items():
+        exchanges = sorted(exchanges, key=lambda e: e.turn)
+        out.append(Conversation(
+            conversation_id=cid, system_prompt=exchanges[0].system_prompt, exchanges=exchanges,
+            ratings={e.turn: ratings.get((cid, e.turn)) for e in exchanges},
+            edits={e.turn: edits[(cid, e.turn)] for e in exchanges if (cid, e.turn) in edits}))
+    return out

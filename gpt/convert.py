@@ -1,0 +1,119 @@
+"""Import and export Hugging Face models as native checkpoints.
+
+    python -m gpt.convert gpt2 models/native/gpt2            # hub id (cached or online) or a local dir
+    python -m gpt.convert DIR OUT                             # a save_pretrained GPT-2 directory
+    python -m gpt.convert models/native/gpt2 OUT --to-hf      # native -> GPT2LMHeadModel directory
+
+transformers is imported here lazily, never at `import gpt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gpt.checkpoint import load_checkpoint, save_checkpoint
+from gpt.model import GPT, GPTConfig
+from gpt.tokenizer import GPT2Tokenizer, Tokenizer
+
+# HF GPT-2 uses Conv1D (in, out) for these; the native model uses nn.Linear (out, in).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class ConvertError(RuntimeError):
+    """The source cannot be converted; the message says what to do."""
+
+
+def gpt2_config_from_hf(hf_config) -> GPTConfig:
+    return GPTConfig(vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions, n_layer=hf_config.n_layer,
+                     n_head=hf_config.n_head, n_embd=hf_config.n_embd, bias=True,
+                     norm_eps=hf_config.layer_norm_epsilon)
+
+
+def gpt2_from_hf_model(hf_model) -> GPT:
+    """A native GPT with the weights of a transformers GPT2LMHeadModel."""
+    model = GPT(gpt2_config_from_hf(hf_model.config))
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
+            continue
+        state[key] = value.t() if key.endswith(_CONV1D) else value
+    state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+    model.load_state_dict(state, strict=True)
+    model.lm_head.weight = model.transformer.wte.weight
+    return model.eval()
+
+
+def gpt2_to_hf_model(model: GPT):
+    """A transformers GPT2LMHeadModel with the weights of a native GPT-2 model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.config
+    if cfg.pos != "learned" or cfg.norm != "layernorm" or cfg.mlp != "gelu" or not cfg.bias:
+        raise ConvertError("--to-hf exports GPT-2-architecture checkpoints only; this one is Llama-family.")
+    hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                           n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.norm_eps,
+                           activation_function="gelu_new", tie_word_embeddings=True)
+    hf_model = GPT2LMHeadModel(hf_config)
+    state = {k: (v.t() if k.endswith(_CONV1D) else v) for k, v in model.state_dict().items()}
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:
+        raise ConvertError(f"weights do not match GPT-2: missing {missing}, unexpected {unexpected}")
+    return hf_model.eval()
+
+
+def load_hf_gpt2(source: str):
+    """A GPT2LMHeadModel from a local directory or a hub id; offline and uncached, one clear sentence."""
+    from transformers import GPT2LMHeadModel
+
+    local = Path(source)
+    try:
+        if local.is_dir():
+            return GPT2LMHeadModel.from_pretrained(str(local), torch_dtype=torch.float32)
+        return GPT2LMHeadModel.from_pretrained(source, torch_dtype=torch.float32)
+    except OSError as e:
+        raise ConvertError(
+            f"Could not load {source!r} ({str(e).splitlines()[0][:160]}): it is neither a local model directory "
+            f"nor cached from the Hugging Face hub. On a machine with network run "
+            f"`python -c \"from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{source}')\"` "
+            f"to cache it, or pass a directory written by save_pretrained.") from None
+
+
+def convert_to_native(source: str, out: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
+    hf_model = load_hf_gpt2(source)
+    model = gpt2_from_hf_model(hf_model)
+    meta = {"source": str(source), "converted_from": "transformers GPT2LMHeadModel", "created": time.time()}
+    return save_checkpoint(model, out, tokenizer or GPT2Tokenizer(), meta)
+
+
+def convert_to_hf(checkpoint: str, out: str | os.PathLike) -> Path:
+    model, _, _ = load_checkpoint(checkpoint)
+    hf_model = gpt2_to_hf_model(model)
+    out = Path(out)
+    hf_model.save_pretrained(str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="HF GPT-2 hub id or save_pretrained directory (with --to-hf: a native checkpoint)")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--to-hf", action="store_true", help="export a native checkpoint to a transformers directory")
+    args = parser.parse_args(argv)
+    try:
+        path = convert_to_hf(args.src, args.out) if args.to_hf else convert_to_native(args.src, args.out)
+    except (ConvertError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

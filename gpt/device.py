@@ -1,0 +1,37 @@
+"""Device and dtype choice: CUDA, then MPS, then CPU, unless the user names one."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """`None` or "auto" picks the best available; otherwise the named device, if it exists here."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use cpu or auto")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r} was asked for but MPS is not available here; use cpu or auto")
+    return device
+
+
+def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 / bf16 / fp16; `None` or "auto" is fp32 on CPU and bf16 on CUDA where supported."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "", "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of fp32, bf16, fp16 (got {name!r})")
+    return DTYPES[name]
