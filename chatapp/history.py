@@ -1,0 +1,135 @@
+"""The chat log: `chat_history.jsonl`, written safely by many sessions (threads or processes) at once.
+
+    log = ChatLog("chat_history.jsonl")
+    log.append_exchange(user="Hi", assistant="Hello!", conversation_id="c1", turn=0, backend="smollm2",
+                        model="SmolLM2-135M-Instruct", system_prompt="You are helpful.", config={...})
+    log.append_feedback(conversation_id="c1", turn=0, rating="like")
+    log.read()    # gpt.chatlog.LogContents: exchanges, feedback, malformed (count of skipped lines)
+    log.stats()   # LogStats: conversations, exchanges, liked, disliked, malformed, ready_for_finetune
+
+The record schema and the reader live in gpt/chatlog.py (training reads the log through it). Every line is
+written with ONE os.write on an O_APPEND descriptor while holding an exclusive flock, so lines from
+concurrent writers never interleave or tear; os.write leaves no user-space buffer, so each line reaches the
+file as soon as it is appended. Readers take a shared lock, so they never see half a line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gpt.chatlog import RATINGS, LogContents, conversations, read_lines
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the in-process lock below still orders this process's threads
+    fcntl = None
+
+_THREAD_LOCK = threading.Lock()
+
+
+class ChatLogError(OSError):
+    """The chat log cannot be read or written; the message says what to do."""
+
+
+@dataclass
+class LogStats:
+    conversations: int
+    exchanges: int
+    liked: int
+    disliked: int
+    malformed: int
+    ready_for_finetune: bool
+
+
+def utc_timestamp() -> str:
+    """Now as ISO-8601 in UTC, e.g. 2026-11-21T22:12:27.123+00:00."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class ChatLog:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def check_writable(self) -> None:
+        """Raise ChatLogError now (e.g. at start-up) if appending would fail later."""
+        self._append_line({})  # opens for append, writes nothing
+
+    def append_exchange(self, *, user: str, assistant: str, conversation_id: str, turn: int, backend: str,
+                        model: str, system_prompt: str | None, config: dict) -> dict:
+        """Append one exchange; returns the record as written."""
+        record = {"timestamp": utc_timestamp(), "user": user, "assistant": assistant,
+                  "conversation_id": conversation_id, "turn": turn, "backend": backend, "model": model,
+                  "system_prompt": system_prompt, "config": config}
+        self._append_line(record)
+        return record
+
+    def append_feedback(self, *, conversation_id: str, turn: int, rating: str | None,
+                        edited: str | None = None) -> dict:
+        """Append feedback on an earlier exchange: rating "like", "dislike" or None, and/or an edited reply."""
+        if rating not in (*RATINGS, None):
+            raise ValueError(f"rating must be 'like', 'dislike' or None, got {rating!r}")
+        record = {"type": "feedback", "conversation_id": conversation_id, "turn": turn, "rating": rating,
+                  "edited": edited, "timestamp": utc_timestamp()}
+        self._append_line(record)
+        return record
+
+    def read(self) -> LogContents:
+        """Every record; malformed lines are skipped and counted. A log that does not exist yet is empty."""
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                if fcntl is not None:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # no writer is half-way through a line
+                try:
+                    return read_lines(f)
+                finally:
+                    if fcntl is not None:
+                        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        except FileNotFoundError:
+            return LogContents()
+        except OSError as e:
+            raise ChatLogError(f"Cannot read the chat log {self.path} ({e.strerror or e}): pass --history with "
+                               f"the path of a readable JSONL file.") from None
+
+    def stats(self, ready_threshold: int = 10) -> LogStats:
+        """Counts for the UI; ready_for_finetune once the log holds `ready_threshold` exchanges."""
+        contents = self.read()
+        groups = conversations(contents)
+        ratings = [rating for conversation in groups for rating in conversation.ratings.values()]
+        return LogStats(conversations=len(groups), exchanges=len(contents.exchanges),
+                        liked=ratings.count("like"), disliked=ratings.count("dislike"),
+                        malformed=contents.malformed, ready_for_finetune=len(contents.exchanges) >= ready_threshold)
+
+    def _append_line(self, record: dict) -> None:
+        # ASCII-only JSON: no raw newline can end up inside a line, and lone surrogates still encode.
+        data = (json.dumps(record, ensure_ascii=True) + "\n").encode("ascii") if record else b""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ChatLogError(self._write_problem(e)) from None
+        try:
+            with _THREAD_LOCK if fcntl is None else nullcontext():
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                view = memoryview(data)
+                while view:  # a regular file takes the whole line at once; loop only on a short write
+                    view = view[os.write(fd, view):]
+        except OSError as e:
+            raise ChatLogError(self._write_problem(e)) from None
+        finally:
+            os.close(fd)  # closing the descriptor also releases the flock
+
+    def _write_problem(self, e: OSError) -> str:
+        if not self.path.parent.is_dir():
+            return (f"Cannot write the chat log: the folder {self.path.parent} does not exist; create it or pass "
+                    f"--history with another path.")
+        if self.path.is_dir():
+            return f"Cannot write the chat log: {self.path} is a folder; pass --history with a file path."
+        return (f"Cannot write the chat log {self.path} ({e.strerror or e}): pass --history with a writable "
+                f"file path.")
+
