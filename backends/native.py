@@ -1,0 +1,150 @@
+"""`NativeBackend`: chat with a native checkpoint through the home-grown engine in gpt/.
+
+    from backends import create_backend, GenerationConfig
+    backend = create_backend("native")                                # newest checkpoint under models/native/
+    backend = create_backend("native", checkpoint="models/native/my-run", device="cpu", dtype="fp32")
+    prompt = backend.format_chat([{"role": "user", "content": "Hi"}])
+    print(backend.generate(prompt, GenerationConfig(temperature=0)))
+
+The model loads on first use. One backend can serve several chat sessions at once: every call works on
+its own KV cache and its own random generator, and `release()`/`reload()` swap the model under a lock
+while replies already under way finish on the model they started with.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends.base import BackendError, ChatBackend
+from backends.reply import ReplyStream, as_generation_config, check_prompt_fits, emit_until_stop
+from gpt.chat_format import ChatFormat
+from gpt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from gpt.device import pick_device, pick_dtype
+from gpt.engine import Engine
+from gpt.sampling import SamplingParams
+from gpt.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    engine: Engine
+    tokenizer: Tokenizer
+    chat_format: ChatFormat
+    path: Path
+    meta: dict
+
+
+def chat_format_of(tokenizer: Tokenizer) -> ChatFormat:
+    """The chat format a tokenizer implies: its chat template if it has one, else the plain-text turns."""
+    return ChatFormat(chat_template=tokenizer.chat_template, special_tokens=tuple(tokenizer.special_tokens),
+                      bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+
+
+class NativeBackend(ChatBackend):
+    def __init__(self, checkpoint: str = "latest", device: str | None = None, dtype: str | None = None,
+                 name: str = "native"):
+        self.name = name
+        self.checkpoint = str(checkpoint)
+        self.device = device
+        self.dtype = dtype
+        self._lock = threading.Lock()
+        self._loaded: _Loaded | None = None
+        self._resolve()  # fail now, with what to do, rather than at the first message
+
+    def _resolve(self) -> Path:
+        try:
+            return resolve_checkpoint(self.checkpoint)
+        except CheckpointError as e:
+            raise BackendError(str(e)) from None
+
+    def _load(self) -> _Loaded:
+        path = self._resolve()
+        device = pick_device(self.device)
+        try:
+            model, tokenizer, meta = load_checkpoint(path, device=device, dtype=pick_dtype(self.dtype, device))
+        except CheckpointError as e:
+            raise BackendError(str(e)) from None
+        return _Loaded(Engine(model), tokenizer, chat_format_of(tokenizer), path, meta)
+
+    def _model(self) -> _Loaded:
+        loaded = self._loaded
+        if loaded is None:
+            with self._lock:
+                if self._loaded is None:
+                    self._loaded = self._load()
+                loaded = self._loaded
+        return loaded
+
+    def reload(self) -> Path:
+        """Resolve the checkpoint spec again (`latest` may be newer now) and load it; returns its path."""
+        loaded = self._load()
+        with self._lock:
+            self._loaded = loaded
+        return loaded.path
+
+    def release(self) -> None:
+        with self._lock:
+            self._loaded = None
+
+    @property
+    def model_name(self) -> str:
+        return str(self._model().path)
+
+    @property
+    def context_length(self) -> int:
+        return self._model().engine.context_length
+
+    @property
+    def role_markers(self) -> tuple[str, ...]:
+        return self._model().chat_format.stop_strings
+
+    def format_chat(self, messages: list[dict]) -> str:
+        return self._model().chat_format.render(messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(self._model(), text)
+
+    @staticmethod
+    def _encode(loaded: _Loaded, text: str) -> list[int]:
+        # A template's prompt carries real special tokens (message contents were escaped when rendering);
+        # the plain format never does, so a user typing <|endoftext|> stays text.
+        if loaded.chat_format.uses_template:
+            return loaded.tokenizer.encode_markup(text)
+        return loaded.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._model().tokenizer.decode(ids)
+
+    def stream(self, prompt: str, cfg=None) -> ReplyStream:
+        cfg = as_generation_config(cfg)
+        loaded = self._model()
+        ids = self._encode(loaded, prompt)
+        check_prompt_fits(len(ids), loaded.engine.context_length)
+        limit = min(cfg.max_new_tokens, loaded.engine.context_length - len(ids))
+        params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                repetition_penalty=cfg.repetition_penalty)
+
+        def pieces(reply: ReplyStream):
+            tokens = loaded.engine.generate(ids, limit, params, stop_ids=loaded.tokenizer.stop_ids, seed=cfg.seed)
+            decoder = IncrementalDecoder(loaded.tokenizer)
+
+            def decoded():
+                for token in tokens:
+                    reply.token_ids.append(token)
+                    piece = decoder.push(token)
+                    if piece:
+                        yield piece
+                tail = decoder.flush()
+                if tail:
+                    yield tail
+
+            try:
+                yield from emit_until_stop(reply, decoded(), cfg.stop)
+            finally:
+                tokens.close()  # a stop string or a closed stream ends the model's work right here
+            if reply.finish_reason is None:
+                reply.finish_reason = "length" if reply.n_tokens >= limit else "eot"
+
+        return ReplyStream(pieces)
