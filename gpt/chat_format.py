@@ -41,6 +41,15 @@ class ChatFormat:
     bos_token: str | None = None
     eos_token: str | None = None
 
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> ChatFormat:
+        """The format a tokenizer implies: its chat template if it has one, else the plain format."""
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
+            return cls()
+        return cls(chat_template=template, special_tokens=tuple(getattr(tokenizer, "special_tokens", {})),
+                   bos_token=getattr(tokenizer, "bos_token", None), eos_token=getattr(tokenizer, "eos_token", None))
+
     @property
     def uses_template(self) -> bool:
         return bool(self.chat_template)
@@ -65,8 +74,7 @@ class ChatFormat:
         if self.uses_template:
             return _template(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                raise_exception=_raise)
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         lines = [f"{ROLES[m['role']]}: {m['content']}" for m in messages]
         if add_generation_prompt:
             lines.append(f"{ROLES['assistant']}:")
@@ -132,9 +140,36 @@ _TEMPLATES: dict[str, object] = {}
 
 
 def _template(source: str):
+    """Compile a chat template in the environment transformers' apply_chat_template uses (so both render
+    the same text): a sandbox, trim/lstrip blocks, loop controls, a non-HTML-escaping tojson, strftime_now,
+    and the `{% generation %}` tag (rendered as its body)."""
     if source not in _TEMPLATES:
+        import json
+        from datetime import datetime
+
+        from jinja2 import nodes
+        from jinja2.ext import Extension, loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        class GenerationTag(Extension):
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+            def _body(self, caller):
+                return caller()
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[GenerationTag, loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         _TEMPLATES[source] = env.from_string(source)
     return _TEMPLATES[source]

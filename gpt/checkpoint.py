@@ -9,6 +9,7 @@ half-written checkpoint under the target name. Loading never unpickles anything.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from gpt.assets import REPO_ROOT
+from gpt.assets import REPO_ROOT, AssetMissing
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import Tokenizer, load_tokenizer
 
@@ -39,15 +40,25 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def resolve_checkpoint(spec: str | os.PathLike) -> Path:
-    """A checkpoint directory, or `latest`: the newest one under models/native/ (by meta.json's `created`)."""
+    """A checkpoint directory, or `latest`: the newest one under models/native/ (by meta.json's `created`).
+
+    Hidden siblings (`.NAME.tmp-*` being written, `.NAME.old-*` being replaced) never count as `latest`; but
+    if a save died between its two renames, NAME is missing and its `.NAME.old-*` is the checkpoint to use.
+    """
     if str(spec) == "latest":
         root = native_models_dir()
-        found = [p for p in root.iterdir() if p.is_dir() and is_checkpoint(p)] if root.is_dir() else []
+        found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and is_checkpoint(p)] \
+            if root.is_dir() else []
         if not found:
             raise CheckpointError(f"No native checkpoint under {root}: run `make setup` (it converts the "
                                   f"bundled model) or `python -m training.finetune` to make one.")
         return max(found, key=_created)
     path = Path(spec)
+    if not path.exists():
+        replaced = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+        replaced = [p for p in replaced if is_checkpoint(p)]
+        if replaced:
+            return replaced[-1]
     if not is_checkpoint(path):
         missing = [n for n in FILES if not (path / n).is_file()]
         raise CheckpointError(f"{path} is not a native checkpoint (missing {', '.join(missing)}): pass a "
@@ -66,7 +77,8 @@ def save_checkpoint(model: GPT, out_dir: str | os.PathLike, tokenizer: Tokenizer
     """Write `model` atomically to `out_dir` (replacing an older checkpoint there only once complete)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    _remove_leftovers(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_embeddings:
@@ -78,10 +90,14 @@ def save_checkpoint(model: GPT, out_dir: str | os.PathLike, tokenizer: Tokenizer
         meta.setdefault("created", time.time())
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         for name in os.listdir(tmp):  # flush file contents before the rename makes them visible
+            os.chmod(tmp / name, 0o644)
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
         if out_dir.exists():
+            # Two renames: if the process dies between them, resolve_checkpoint finds the old one.
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -90,6 +106,27 @@ def save_checkpoint(model: GPT, out_dir: str | os.PathLike, tokenizer: Tokenizer
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Delete `.NAME.tmp-PID-*` / `.NAME.old-PID` siblings left by saves whose process has died."""
+    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*-*"):
+        kind, _, rest = path.name[len(out_dir.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu",
@@ -101,13 +138,17 @@ def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu",
         meta = json.loads((path / "meta.json").read_text())
         model = GPT(GPTConfig.from_dict(config["model"]))
         state = load_file(str(path / "model.safetensors"))
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} could not be read ({e}): it may be damaged; use another checkpoint.") from e
-    if model.config.tie_embeddings:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state, strict=True)
+        if model.config.tie_embeddings:
+            state["lm_head.weight"] = state["transformer.wte.weight"]
+        model.load_state_dict(state, strict=True)
+        tokenizer = load_tokenizer(config.get("tokenizer", "gpt2"), base_dir=path)
+    except AssetMissing:  # not the checkpoint's fault: its message says how to fetch the tokenizer
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: weights that do not fit
+        raise CheckpointError(f"{path} could not be read ({str(e)[:300]}): it may be damaged or incomplete; "
+                              f"use another checkpoint or write it again.") from e
     if model.config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     model.to(device=device, dtype=dtype).eval()
     meta["path"] = str(path)
-    return model, load_tokenizer(config.get("tokenizer", "gpt2"), base_dir=path), meta
+    return model, tokenizer, meta

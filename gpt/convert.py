@@ -1,10 +1,12 @@
 """Import and export Hugging Face models as native checkpoints.
 
-    python -m gpt.convert gpt2 models/native/gpt2            # hub id (cached or online) or a local dir
-    python -m gpt.convert DIR OUT                             # a save_pretrained GPT-2 directory
-    python -m gpt.convert models/native/gpt2 OUT --to-hf      # native -> GPT2LMHeadModel directory
+    python -m gpt.convert gpt2 models/native/gpt2            # HF GPT-2: hub id (cached or online) or a local dir
+    python -m gpt.convert bundled models/native/smollm2       # the bundled SmolLM2 GGUF (Llama family)
+    python -m gpt.convert model.gguf OUT                      # any Llama GGUF, or an HF Llama directory
+    python -m gpt.convert models/native/gpt2 OUT --to-hf      # native -> GPT2LMHeadModel / LlamaForCausalLM dir
 
-transformers is imported here lazily, never at `import gpt`.
+GPT-2 import/export lives here; Llama-family import lives in gpt/convert_llama.py. transformers is imported
+lazily, never at `import gpt`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from gpt.checkpoint import load_checkpoint, save_checkpoint
+from gpt.convert_llama import LlamaImportError, convert_llama_to_native, is_llama_source, llama_to_hf_model
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import GPT2Tokenizer, Tokenizer
 
@@ -54,8 +57,8 @@ def gpt2_to_hf_model(model: GPT):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = model.config
-    if cfg.pos != "learned" or cfg.norm != "layernorm" or cfg.mlp != "gelu" or not cfg.bias:
-        raise ConvertError("--to-hf exports GPT-2-architecture checkpoints only; this one is Llama-family.")
+    if not is_gpt2_architecture(cfg):
+        raise ConvertError("this checkpoint is not GPT-2-architecture; export it with llama_to_hf_model.")
     hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                            n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.norm_eps,
                            activation_function="gelu_new", tie_word_embeddings=True)
@@ -70,45 +73,64 @@ def gpt2_to_hf_model(model: GPT):
 
 def load_hf_gpt2(source: str):
     """A GPT2LMHeadModel from a local directory or a hub id; offline and uncached, one clear sentence."""
+    import json
+
     from transformers import GPT2LMHeadModel
 
-    local = Path(source)
+    config = Path(source) / "config.json"
+    if config.is_file():
+        model_type = json.loads(config.read_text()).get("model_type")
+        if model_type != "gpt2":
+            raise ConvertError(f"{source} holds a {model_type!r} model; gpt.convert imports GPT-2 and Llama "
+                               f"models only (serve others through the hf backend).")
     try:
-        if local.is_dir():
-            return GPT2LMHeadModel.from_pretrained(str(local), torch_dtype=torch.float32)
-        return GPT2LMHeadModel.from_pretrained(source, torch_dtype=torch.float32)
-    except OSError as e:
+        return GPT2LMHeadModel.from_pretrained(str(source), dtype=torch.float32)
+    except (OSError, ValueError) as e:  # ValueError: not a valid hub id either
+        if Path(source).is_dir():
+            raise ConvertError(f"Could not load the GPT-2 directory {source} ({str(e).splitlines()[0][:200]}); "
+                               f"pass a complete directory written by save_pretrained.") from None
         raise ConvertError(
-            f"Could not load {source!r} ({str(e).splitlines()[0][:160]}): it is neither a local model directory "
-            f"nor cached from the Hugging Face hub. On a machine with network run "
-            f"`python -c \"from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{source}')\"` "
-            f"to cache it, or pass a directory written by save_pretrained.") from None
+            f"Could not load {source!r}: it is not a local directory and not in the Hugging Face cache (this "
+            f"machine may be offline); on a machine with network run `python -c \"from transformers import "
+            f"GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{source}')\"` to cache it, or pass a directory "
+            f"written by save_pretrained.") from None
 
 
 def convert_to_native(source: str, out: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
+    """Convert an HF GPT-2 (hub id or directory), `bundled`, a Llama .gguf or an HF Llama directory."""
+    if is_llama_source(str(source)):
+        return convert_llama_to_native(str(source), out)
     hf_model = load_hf_gpt2(source)
     model = gpt2_from_hf_model(hf_model)
     meta = {"source": str(source), "converted_from": "transformers GPT2LMHeadModel", "created": time.time()}
     return save_checkpoint(model, out, tokenizer or GPT2Tokenizer(), meta)
 
 
+def is_gpt2_architecture(cfg: GPTConfig) -> bool:
+    return cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.bias
+
+
 def convert_to_hf(checkpoint: str, out: str | os.PathLike) -> Path:
-    model, _, _ = load_checkpoint(checkpoint)
-    hf_model = gpt2_to_hf_model(model)
+    """Write a transformers directory (model, and the tokenizer files of template models) for a checkpoint."""
+    model, tokenizer, meta = load_checkpoint(checkpoint)
+    hf_model = gpt2_to_hf_model(model) if is_gpt2_architecture(model.config) else llama_to_hf_model(model)
     out = Path(out)
     hf_model.save_pretrained(str(out))
+    if not isinstance(tokenizer, GPT2Tokenizer):  # GPT-2 dirs usually carry no tokenizer files
+        tokenizer.save(out)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="HF GPT-2 hub id or save_pretrained directory (with --to-hf: a native checkpoint)")
+    parser.add_argument("src", help="HF GPT-2 hub id or directory, `bundled` (the bundled SmolLM2 GGUF), a Llama "
+                                    ".gguf file or HF Llama directory; with --to-hf: a native checkpoint or `latest`")
     parser.add_argument("out", help="output directory")
     parser.add_argument("--to-hf", action="store_true", help="export a native checkpoint to a transformers directory")
     args = parser.parse_args(argv)
     try:
         path = convert_to_hf(args.src, args.out) if args.to_hf else convert_to_native(args.src, args.out)
-    except (ConvertError, FileNotFoundError) as e:
+    except (ConvertError, LlamaImportError, FileNotFoundError) as e:  # incl. AssetMissing, CheckpointError
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

@@ -16,9 +16,17 @@ def pick_device(name: str | None = None) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps (got {name!r})") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps (got {name!r})")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1} or auto")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"device {name!r} was asked for but MPS is not available here; use cpu or auto")
     return device
@@ -33,5 +41,7 @@ def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dt
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of fp32, bf16, fp16 (got {name!r})")
+        raise ValueError(f"dtype must be one of auto, fp32, bf16, fp16 (got {name!r})")
+    if DTYPES[name] == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bf16; use fp16 or fp32")
     return DTYPES[name]

@@ -94,55 +94,58 @@ def _gpt2_encoding(bpe_path: Path | None):
 class HFTokenizer(Tokenizer):
     """A `tokenizer.json` (Hugging Face `tokenizers`), with the chat template from tokenizer_config.json."""
 
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
     def __init__(self, directory: Path):
         from tokenizers import Tokenizer as RawTokenizer
 
         directory = Path(directory)
         self.name = directory.name
-        self._tok = RawTokenizer.from_file(str(directory / "tokenizer.json"))
+        self._markup = RawTokenizer.from_file(str(directory / "tokenizer.json"))
+        # A second copy that reads special-token strings as plain text (what `encode` needs): flipping the
+        # flag on one shared object would race between threads.
+        self._plain = RawTokenizer.from_str(self._markup.to_str())
+        self._plain.encode_special_tokens = True
         self._config = {}
         config_path = directory / "tokenizer_config.json"
         if config_path.is_file():
             self._config = json.loads(config_path.read_text())
         self.chat_template = self._config.get("chat_template")
+        if not self.chat_template and (directory / "chat_template.jinja").is_file():
+            self.chat_template = (directory / "chat_template.jinja").read_text()
+        if not isinstance(self.chat_template, str):  # a list of named templates: not supported, use none
+            self.chat_template = None
         self.bos_token = _token_text(self._config.get("bos_token"))
         self.eos_token = _token_text(self._config.get("eos_token"))
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.special_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-        eos_id = self.special_tokens.get(self.eos_token) if self.eos_token else None
-        self.eot_id = eos_id if eos_id is not None else next(iter(self.special_tokens.values()), 0)
+        self.vocab_size = self._markup.get_vocab_size(with_added_tokens=True)
+        self.special_tokens = {t.content: i for i, t in self._markup.get_added_tokens_decoder().items()
+                               if t.special}
+        candidates = [self.eos_token, "</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"]
+        eos = next((c for c in candidates if c and c in self.special_tokens), None)
+        if eos is None:
+            raise ValueError(f"{directory} has no end-of-sequence token: set eos_token in tokenizer_config.json "
+                             f"to one of the special tokens of tokenizer.json.")
+        self.eos_token, self.eot_id = eos, self.special_tokens[eos]
         stops = {self.eot_id}
-        for text in ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
+        for text in ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>"):
             if text in self.special_tokens:
                 stops.add(self.special_tokens[text])
         self.stop_ids = frozenset(stops)
         self._directory = directory
 
     def encode(self, text: str) -> list[int]:
-        # Split on special-token strings and encode each piece on its own, so none of them is parsed.
-        if not any(s in text for s in self.special_tokens):
-            return self._tok.encode(text, add_special_tokens=False).ids
-        ids: list[int] = []
-        for piece in _split_keep(text, list(self.special_tokens)):
-            ids.extend(self._encode_plain_piece(piece))
-        return ids
-
-    def _encode_plain_piece(self, piece: str) -> list[int]:
-        if piece in self.special_tokens:
-            # Encode the marker's characters one at a time so the result is ordinary text tokens.
-            return [i for ch in piece for i in self._tok.encode(ch, add_special_tokens=False).ids]
-        return self._tok.encode(piece, add_special_tokens=False).ids if piece else []
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_markup(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._markup.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        return self._markup.decode(list(ids), skip_special_tokens=False)
 
     def save(self, directory: Path) -> str:
         import shutil
 
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        for name in self.FILES:
             if (self._directory / name).is_file():
                 shutil.copy(self._directory / name, Path(directory) / name)
         return "tokenizer.json"
@@ -152,13 +155,6 @@ def _token_text(token) -> str | None:
     if isinstance(token, dict):
         return token.get("content")
     return token
-
-
-def _split_keep(text: str, markers: list[str]) -> list[str]:
-    import re
-
-    pattern = "(" + "|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)) + ")"
-    return [p for p in re.split(pattern, text) if p]
 
 
 def load_tokenizer(spec: str, base_dir: Path | None = None) -> Tokenizer:
