@@ -1,0 +1,219 @@
+"""The loaded models, shared by every browser session and API call of one app.
+
+    slots = ModelSlots(config)                 # config: backends.registry.load_config()
+    slots.choose(session_id, "native")        # a session picks a backend: it loads in a background thread
+    slots.status("native")                     # SlotStatus(state="loading" | "ready" | "failed" | "idle", ...)
+    with slots.use("native") as backend:       # waits for the load; the model stays loaded while in use
+        ...
+    slots.reload("native")                     # a native backend serves its newest checkpoint, no restart
+
+There is one slot per configured backend key and at most one loaded model per slot, whatever the number of
+sessions. A model nobody has chosen and nobody is using is released when a session switches away from it,
+so switching backends frees the previous model's memory. Backends are thread-safe (the ChatBackend
+contract), so concurrent sessions stream from the same loaded model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from backends import BackendError, ChatBackend, create_backend, list_backends
+
+log = logging.getLogger(__name__)
+
+IDLE, LOADING, READY, FAILED = "idle", "loading", "ready", "failed"
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    key: str
+    label: str
+    state: str  # idle | loading | ready | failed
+    message: str  # one sentence for the UI
+
+
+class _Slot:
+    def __init__(self, key: str, label: str, kind: str):
+        self.key, self.label, self.kind = key, label, kind
+        self.backend: ChatBackend | None = None
+        self.state = IDLE
+        self.error = ""
+        self.in_use = 0
+        self.note = ""  # why the last reload did not take effect
+        self.loaded = threading.Event()  # set whenever the slot is not loading
+        self.loaded.set()
+
+
+def warm_up(backend: ChatBackend) -> None:
+    """Make a lazily loading backend load its weights now (off the request path)."""
+    load = getattr(backend, "load", None)
+    if callable(load):
+        load()
+    else:  # the contract's lazy backends load on first use of the model
+        backend.encode("Hello")
+        _ = backend.context_length
+
+
+class ModelSlots:
+    def __init__(self, config: dict, factory: Callable[..., ChatBackend] = create_backend):
+        self._config = config
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._slots = {b["key"]: _Slot(b["key"], b.get("label") or b["key"], b.get("kind", ""))
+                       for b in list_backends(config)}
+        self._chosen: dict[str, str] = {}  # session id -> backend key
+
+    # --- what is configured ------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._slots)
+
+    def kind(self, key: str) -> str:
+        return self._slot(key).kind
+
+    def label(self, key: str) -> str:
+        return self._slot(key).label
+
+    def _slot(self, key: str) -> _Slot:
+        slot = self._slots.get(key)
+        if slot is None:
+            choices = ", ".join(self._slots) or "none configured"
+            raise BackendError(f"Unknown backend {key!r}: choose one of {choices}.")
+        return slot
+
+    # --- state -------------------------------------------------------------------------------------------
+    def status(self, key: str) -> SlotStatus:
+        slot = self._slot(key)
+        with self._lock:
+            state, error, backend, note = slot.state, slot.error, slot.backend, slot.note
+        if state == LOADING:
+            message = f"Loading {slot.label}… you can keep typing; the reply starts once it is ready."
+        elif state == READY:
+            model = getattr(backend, "model_name", "") or slot.label
+            message = f"Ready: {slot.label} ({model}). {note}".strip()
+        elif state == FAILED:
+            message = error
+        else:
+            message = f"{slot.label} loads on first use."
+        return SlotStatus(key, slot.label, state, message)
+
+    def wait(self, key: str, timeout: float | None = None) -> bool:
+        """True once `key` is not loading (ready, failed or idle); False if `timeout` passed first."""
+        return self._slot(key).loaded.wait(timeout)
+
+    # --- loading and releasing ---------------------------------------------------------------------------
+    def load_in_background(self, key: str) -> None:
+        """Start loading `key` unless it is loaded or loading already (a failed load is retried)."""
+        slot = self._slot(key)
+        with self._lock:
+            if slot.state in (LOADING, READY):
+                return
+            slot.state, slot.error = LOADING, ""
+            slot.loaded.clear()
+        threading.Thread(target=self._load, args=(slot,), name=f"load-{key}", daemon=True).start()
+
+    def _load(self, slot: _Slot) -> None:
+        try:
+            backend = self._factory(slot.key, self._config)
+            warm_up(backend)
+        except (BackendError, ValueError, OSError) as exc:
+            self._finish(slot, None, f"{slot.label} could not be loaded: {exc}")
+        except Exception as exc:  # a bug, not a user error: keep the traceback in the server log
+            log.exception("loading backend %s failed", slot.key)
+            self._finish(slot, None, f"{slot.label} could not be loaded ({type(exc).__name__}: {exc}); "
+                                     "see the server log.")
+        else:
+            self._finish(slot, backend, "")
+
+    def _finish(self, slot: _Slot, backend: ChatBackend | None, error: str) -> None:
+        with self._lock:
+            slot.backend, slot.error, slot.note = backend, error, ""
+            slot.state = READY if backend is not None else FAILED
+            slot.loaded.set()
+
+    def choose(self, session: str, key: str) -> SlotStatus:
+        """Session `session` now chats with `key`: load it, and release models that nobody uses any more."""
+        self._slot(key)
+        with self._lock:
+            self._chosen[session] = key
+        self.load_in_background(key)
+        self._release_unused()
+        return self.status(key)
+
+    def forget(self, session: str) -> None:
+        """A browser session ended; its choice no longer keeps a model loaded."""
+        with self._lock:
+            self._chosen.pop(session, None)
+
+    def _release_unused(self) -> None:
+        keep = set(self._chosen.values())
+        freed = []
+        with self._lock:
+            for slot in self._slots.values():
+                if slot.state == READY and slot.key not in keep and slot.in_use == 0:
+                    freed.append(slot.backend)
+                    slot.backend, slot.state = None, IDLE
+        for backend in freed:  # outside the lock: a new load of the same key builds a fresh backend object
+            backend.release()
+
+    def loaded_keys(self) -> list[str]:
+        with self._lock:
+            return [k for k, s in self._slots.items() if s.state == READY]
+
+    @contextmanager
+    def use(self, key: str) -> Iterator[ChatBackend]:
+        """The loaded backend for `key`, kept loaded until the block ends; raises BackendError if it fails."""
+        slot = self._slot(key)
+        while True:
+            self.load_in_background(key)
+            slot.loaded.wait()
+            with self._lock:
+                if slot.state == FAILED:
+                    raise BackendError(slot.error)
+                if slot.state == READY:  # else it was released between the wait and now: load again
+                    slot.in_use += 1
+                    backend = slot.backend
+                    break
+        try:
+            yield backend
+        finally:
+            with self._lock:
+                slot.in_use -= 1
+
+    # --- fine-tuned checkpoints ------------------------------------------------------------------------
+    def reload(self, key: str) -> SlotStatus:
+        """Serve the newest checkpoint of native backend `key` (in the background); others are refused."""
+        slot = self._slot(key)
+        if slot.kind != "native":
+            raise BackendError(f"{slot.label} is not a native checkpoint: choose a native backend in the "
+                               "dropdown to reload its newest checkpoint.")
+        with self._lock:
+            already_loading = slot.state == LOADING
+            if not already_loading:
+                backend = slot.backend if slot.state == READY else None
+                slot.state, slot.error = LOADING, ""
+                slot.loaded.clear()
+        if already_loading:
+            return self.status(key)
+        if backend is None:  # not loaded yet: a fresh load resolves the newest checkpoint anyway
+            threading.Thread(target=self._load, args=(slot,), name=f"load-{key}", daemon=True).start()
+        else:
+            threading.Thread(target=self._reload, args=(slot, backend), name=f"reload-{key}",
+                             daemon=True).start()
+        return self.status(key)
+
+    def _reload(self, slot: _Slot, backend: ChatBackend) -> None:
+        note = ""
+        try:
+            backend.reload()
+        except (BackendError, ValueError, OSError) as exc:
+            note = f"The reload failed, so the previous checkpoint is still served: {exc}"
+        except Exception as exc:  # a bug: keep the traceback in the server log, keep serving the old model
+            log.exception("reloading backend %s failed", slot.key)
+            note = f"The reload failed ({type(exc).__name__}: {exc}); see the server log."
+        with self._lock:
+            slot.state, slot.note = READY, note
+            slot.loaded.set()

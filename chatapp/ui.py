@@ -1,0 +1,209 @@
+"""The Gradio web UI: chat with a backend chosen from a dropdown, rate and correct replies, watch the log grow.
+
+    from chatapp.ui import build_app
+    demo = build_app(load_config(), "chat_history.jsonl", "smollm2")
+    demo.launch()            # or: python launch.py (see its --help)
+
+Each browser session has its own conversation (a gr.State with its conversation id; the Chatbot's value is
+its history); the models are shared by all sessions through ModelSlots. Named API endpoints (/chat, /stats,
+/backends) are defined in chatapp/ui_api.py and documented in docs/api.md; the UI's own event handlers are
+private. Every error a user can cause reaches the page as one sentence (gr.Error / gr.Warning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gradio as gr
+
+from backends import BackendError
+from chatapp.chat import new_conversation_id
+from chatapp.history import ChatLogError
+from chatapp.ui_api import register_api
+from chatapp.ui_controls import build_generation_controls, context_meter, generation_config
+from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService, user_error
+from gpt.chat_format import message_text
+
+STATUS_POLL_S = 0.5  # how often a loading status line refreshes
+
+def turn_of(history: list[dict], index: int) -> int:
+    """The exchange number (0-based) that message `index` of a Chatbot history belongs to."""
+    return max(0, sum(1 for m in history[: index + 1] if m.get("role") == "user") - 1)
+
+
+def _plain(history: list[dict]) -> list[dict]:
+    """Chatbot messages (content may be a list of text blocks) as plain {"role", "content": str}."""
+    return [{"role": m["role"], "content": message_text(m.get("content", ""))} for m in history or []
+            if m.get("role") in ("user", "assistant")]
+
+
+def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.Blocks:
+    service = ChatService(config, log_path, default_backend)
+    slots = service.slots
+    choices = [(slots.label(k), k) for k in slots.keys()]
+
+    with gr.Blocks(title="nanogpt-chat") as demo:
+        conversation = gr.State({})  # {"conversation_id": ...}, one per browser session
+        gr.Markdown("## nanogpt-chat")
+        with gr.Row(equal_height=True):
+            backend = gr.Dropdown(choices, value=service.default_backend, label="Backend", scale=2,
+                                  elem_id="backend")
+            status = gr.Markdown(slots.status(service.default_backend).message, elem_id="status")
+            reload_button = gr.Button("Reload native checkpoint", scale=1, size="sm",
+                                      elem_id="reload-native")
+        chatbot = gr.Chatbot(height=440, editable="all", feedback_options=("Like", "Dislike"),
+                             placeholder="Type a message below; replies stream in here. Rate replies with "
+                                         "👍 / 👎 or edit them to teach the model.", elem_id="chatbot")
+        meter = gr.Markdown("Context: nothing sent yet.", elem_id="context-meter")
+        with gr.Row():
+            message = gr.Textbox(placeholder="Message", show_label=False, scale=6, autofocus=True,
+                                 submit_btn=False, elem_id="message")
+            send_button = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop_button = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+        with gr.Row():
+            regenerate_button = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+            clear_button = gr.Button("Clear", size="sm", elem_id="clear")
+        with gr.Accordion("System prompt and generation settings", open=False):
+            system_prompt = gr.Textbox(value=service.system_prompt, lines=2, label="System prompt",
+                                       elem_id="system-prompt")
+            controls = build_generation_controls(service.generation)
+        stats = gr.Markdown(service.stats_text(), elem_id="stats")
+
+        settings = [backend, system_prompt, *controls.inputs]
+
+        def reply(history, state, key, system, *values) -> Iterator[tuple]:
+            """Stream the assistant's answer to the last user message of `history`."""
+            prior, text = history[:-1], message_text(history[-1]["content"])
+            try:
+                cfg = generation_config(*values)
+            except ValueError as exc:
+                raise user_error(exc) from None
+            state = dict(state or {})
+            state.setdefault("conversation_id", new_conversation_id())
+            if slots.status(key).state != "ready":
+                yield history, state, f"Waiting for {slots.label(key)} to load…", gr.skip()
+            shown = [*history, {"role": "assistant", "content": ""}]
+            try:
+                for update, context_length in service.stream(key, _plain(prior), text, cfg, system,
+                                                             state["conversation_id"]):
+                    shown[-1] = {"role": "assistant", "content": update.text}
+                    yield shown, state, context_meter(update.prompt, context_length, cfg.max_new_tokens), \
+                        gr.skip()
+            except (BackendError, ValueError, ChatLogError) as exc:
+                raise user_error(exc) from None
+            yield shown, state, gr.skip(), service.stats_text()
+
+        def send(text, history, state, *settings_values):
+            if not (text or "").strip():
+                gr.Warning("Type a message first.")
+                yield text, history, state, gr.skip(), gr.skip()
+                return
+            history = [*(history or []), {"role": "user", "content": text}]
+            yield "", history, state, gr.skip(), gr.skip()
+            for out in reply(history, state, *settings_values):
+                yield "", *out
+
+        def regenerate(history, state, *settings_values):
+            history = list(history or [])
+            while history and history[-1].get("role") != "user":
+                history.pop()
+            if not history:
+                gr.Warning("There is no message to answer again yet.")
+                yield gr.skip(), state, gr.skip(), gr.skip()
+                return
+            yield from reply(history, state, *settings_values)
+
+        chat_outputs = [chatbot, conversation, meter, stats]
+        common = dict(concurrency_limit=GENERATE_LIMIT, concurrency_id=GENERATE, api_visibility="private")
+        send_events = [
+            trigger(send, [message, chatbot, conversation, *settings], [message, *chat_outputs], **common)
+            for trigger in (message.submit, send_button.click)]
+        regenerate_events = [
+            trigger(regenerate, [chatbot, conversation, *settings], chat_outputs, **common)
+            for trigger in (regenerate_button.click, chatbot.retry)]
+        # Stopping closes the reply's generator: the chat loop logs the partial reply, the model stops.
+        stop_button.click(None, None, None, cancels=[*send_events, *regenerate_events],
+                          api_visibility="private").then(service.stats_text, None, stats,
+                                                         api_visibility="private", show_progress="hidden")
+
+        def clear():
+            return [], {"conversation_id": new_conversation_id()}, "Context: nothing sent yet."
+
+        clear_button.click(clear, None, [chatbot, conversation, meter], cancels=[*send_events,
+                                                                              *regenerate_events],
+                           api_visibility="private")
+        chatbot.clear(clear, None, [chatbot, conversation, meter], api_visibility="private")
+
+        def feedback(history, state, data: gr.LikeData):
+            cid = (state or {}).get("conversation_id")
+            index = data.index if isinstance(data.index, int) else data.index[0]
+            if not cid or index >= len(history) or history[index].get("role") != "assistant":
+                return gr.skip()
+            rating = {True: "like", False: "dislike", "Like": "like", "Dislike": "dislike"}.get(data.liked)
+            try:
+                service.log.append_feedback(conversation_id=cid, turn=turn_of(history, index), rating=rating)
+            except ChatLogError as exc:
+                raise user_error(exc) from None
+            return service.stats_text()
+
+        chatbot.like(feedback, [chatbot, conversation], stats, api_visibility="private")
+
+        def edit(history, state, data: gr.EditData):
+            history = list(history)
+            index = data.index if isinstance(data.index, int) else data.index[0]
+            new_text = message_text(data.value)
+            if history[index].get("role") != "assistant":
+                gr.Warning("Only the assistant's replies can be edited (to teach it a better answer); send a "
+                           "new message to change what you asked.")
+                history[index] = {"role": "user", "content": message_text(data.previous_value)}
+                return history, gr.skip()
+            history[index] = {"role": "assistant", "content": new_text}
+            cid = (state or {}).get("conversation_id")
+            if cid:
+                try:
+                    service.log.append_feedback(conversation_id=cid, turn=turn_of(history, index),
+                                                rating=None, edited=new_text)
+                except ChatLogError as exc:
+                    raise user_error(exc) from None
+            return history, service.stats_text()
+
+        chatbot.edit(edit, [chatbot, conversation], [chatbot, stats], api_visibility="private")
+
+        def watch(key: str) -> Iterator[str]:
+            """The slot's status line, refreshed until it is no longer loading."""
+            while not slots.wait(key, STATUS_POLL_S):
+                yield slots.status(key).message
+            yield slots.status(key).message
+
+        def choose(key, request: gr.Request):
+            try:
+                slots.choose(request.session_hash or "", key)
+            except BackendError as exc:
+                raise user_error(exc) from None
+            yield from watch(key)
+
+        def reload_native(key):
+            try:
+                slots.reload(key)
+            except BackendError as exc:
+                gr.Warning(str(exc))
+                yield slots.status(key).message
+                return
+            yield from watch(key)
+
+        status_events = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
+        backend.input(choose, backend, status, **status_events)
+        reload_button.click(reload_native, backend, status, **status_events)
+        demo.load(choose, backend, status, **status_events)
+        demo.load(service.stats_text, None, stats, api_visibility="private", show_progress="hidden")
+
+        def forget(request: gr.Request):
+            slots.forget(request.session_hash or "")
+
+        demo.unload(forget)
+        register_api(service)
+
+    demo.queue(default_concurrency_limit=16)
+    demo.chat_service = service  # for launch.py (background preload) and tests
+    return demo
+

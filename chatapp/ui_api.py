@@ -1,0 +1,105 @@
+"""The app's named API endpoints: /chat, /stats, /backends (documented, with client examples, in docs/api.md).
+
+    from gradio_client import Client
+    client = Client("http://127.0.0.1:7860")
+    client.predict("Hello!", api_name="/chat")            # the final reply text
+    for text in client.submit("Hello!", api_name="/chat"):  # the reply so far, as it streams
+        print(text)
+
+`register_api(service)` is called by chatapp/ui.py inside its Blocks; Gradio derives each endpoint's
+parameters from the type hints and defaults of the functions below (the defaults are the config file's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gradio as gr
+
+from backends import BackendError
+from chatapp.chat import new_conversation_id
+from chatapp.history import ChatLogError
+from chatapp.ui_controls import generation_config
+from chatapp.ui_service import GENERATE, GENERATE_LIMIT, user_error
+
+
+def _check_history(history) -> list[dict]:
+    """The /chat `history` argument as user/assistant messages; gr.Error says what is wrong with it."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise gr.Error("history must be a list of messages like {\"role\": \"user\", \"content\": \"Hi\"}.",
+                       print_exception=False)
+    for i, m in enumerate(history):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or "content" not in m:
+            raise gr.Error(f"history[{i}] must be a message like {{\"role\": \"user\" or \"assistant\", "
+                           f"\"content\": \"...\"}}; pass the system prompt as system_prompt.",
+                           print_exception=False)
+    return history
+
+
+def register_api(service) -> None:
+    """Add /chat, /stats and /backends to the Blocks being built (call inside `with gr.Blocks()`)."""
+    d = service.generation
+
+    def chat(message: str, history: list[dict] | None = None, backend: str = service.default_backend,
+             system_prompt: str = service.system_prompt, max_new_tokens: int = d.max_new_tokens,
+             temperature: float = d.temperature, top_k: int = d.top_k or 0, top_p: float = d.top_p,
+             repetition_penalty: float = d.repetition_penalty, stop: list[str] | None = None,
+             seed: int | None = d.seed) -> Iterator[str]:
+        """Reply to `message` after `history`, streaming the reply so far; the call is logged as one exchange.
+
+        Args:
+            message: the user's new message.
+            history: earlier messages, [{"role": "user" | "assistant", "content": str}], oldest first.
+            backend: a key from /backends.
+            system_prompt: instructions for the assistant; empty for none.
+            max_new_tokens: the longest reply, in tokens.
+            temperature: 0 is greedy; higher is more varied.
+            top_k: sample among the k likeliest tokens; 0 turns it off.
+            top_p: sample among the likeliest tokens up to this total probability.
+            repetition_penalty: above 1 makes repeating earlier tokens less likely.
+            stop: strings that end the reply (not included); null for the config file's.
+            seed: the same seed gives the same reply; null for random.
+        """
+        if not isinstance(message, str) or not message.strip():
+            raise gr.Error("message must be a non-empty string.", print_exception=False)
+        prior = _check_history(history)
+        try:
+            cfg = generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                    d.stop if stop is None else stop, seed)
+            service.slots.label(backend)
+        except (BackendError, ValueError) as exc:
+            raise user_error(exc) from None
+        text = ""
+        try:
+            for update, _ in service.stream(backend, prior, message, cfg, system_prompt,
+                                            new_conversation_id()):
+                text = update.text
+                yield text
+        except (BackendError, ValueError, ChatLogError) as exc:
+            raise user_error(exc) from None
+        yield text
+
+    def stats() -> dict:
+        """Counts of the chat log: exchanges, conversations, liked, disliked, malformed lines, readiness."""
+        try:
+            s = service.log.stats(service.ready_threshold)
+        except ChatLogError as exc:
+            raise user_error(exc) from None
+        return {"exchanges": s.exchanges, "conversations": s.conversations, "liked": s.liked,
+                "disliked": s.disliked, "malformed": s.malformed, "ready_for_finetune": s.ready_for_finetune,
+                "ready_threshold": service.ready_threshold, "log": str(service.log_path)}
+
+    def backends() -> list[dict]:
+        """The configured backends: key (pass it to /chat), label, kind, whether it is the default, status."""
+        out = []
+        for key in service.slots.keys():
+            status = service.slots.status(key)
+            out.append({"key": key, "label": status.label, "kind": service.slots.kind(key),
+                        "default": key == service.default_backend, "state": status.state})
+        return out
+
+    gr.api(chat, api_name="chat", concurrency_limit=GENERATE_LIMIT, concurrency_id=GENERATE)
+    gr.api(stats, api_name="stats", concurrency_limit=None)
+    gr.api(backends, api_name="backends", concurrency_limit=None)

@@ -1,0 +1,120 @@
+"""The generation settings panel of the web UI, and the short texts the UI shows (context meter, log stats).
+
+`build_generation_controls(defaults)` lays out one control per GenerationConfig field, starting at the
+config file's [generation] values; `generation_config(...)` turns the values they send (or the /chat API's
+arguments) back into a validated GenerationConfig. Used by chatapp/ui.py; nothing here touches a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from backends import GenerationConfig
+from chatapp.budget import Prompt
+from chatapp.history import LogStats
+
+
+def stop_text(stop: tuple[str, ...]) -> str:
+    """Stop strings as the textbox shows them: one per line, a newline inside one written as \\n."""
+    return "\n".join(s.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t") for s in stop)
+
+
+def parse_stop_text(text: str) -> tuple[str, ...]:
+    """The inverse of `stop_text`; blank lines are ignored."""
+    out = []
+    for line in (text or "").splitlines():
+        if not line:
+            continue
+        value, i = [], 0
+        while i < len(line):
+            if line[i] == "\\" and i + 1 < len(line) and line[i + 1] in "nt\\":
+                value.append({"n": "\n", "t": "\t", "\\": "\\"}[line[i + 1]])
+                i += 2
+            else:
+                value.append(line[i])
+                i += 1
+        out.append("".join(value))
+    return tuple(out)
+
+
+def _whole(name: str, value) -> int | None:
+    """Sliders and number boxes send floats (5.0); the config wants integers."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed
+                      ) -> GenerationConfig:
+    """A GenerationConfig from UI or API values; raises ValueError with a sentence naming the field."""
+    if isinstance(stop, str):
+        stop = parse_stop_text(stop)
+    max_new_tokens = _whole("max_new_tokens", max_new_tokens)
+    if max_new_tokens is None:
+        raise ValueError("max_new_tokens must be set: how many tokens the reply may have.")
+    top_k = _whole("top_k", top_k)
+    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k if top_k else None, top_p=top_p,
+                            repetition_penalty=repetition_penalty, stop=tuple(stop or ()),
+                            seed=_whole("seed", seed))
+
+
+@dataclass
+class GenerationControls:
+    max_new_tokens: gr.Slider
+    temperature: gr.Slider
+    top_k: gr.Slider
+    top_p: gr.Slider
+    repetition_penalty: gr.Slider
+    stop: gr.Textbox
+    seed: gr.Number
+
+    @property
+    def inputs(self) -> list:
+        """In generation_config's argument order."""
+        return [self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+                self.stop, self.seed]
+
+
+def build_generation_controls(defaults: GenerationConfig, max_tokens: int = 2048) -> GenerationControls:
+    """The controls, laid out in the current Blocks context (call inside an Accordion)."""
+    with gr.Row():
+        max_new_tokens = gr.Slider(1, max(max_tokens, defaults.max_new_tokens), value=defaults.max_new_tokens,
+                                   step=1, label="Max new tokens", info="the longest reply, in tokens")
+        temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature",
+                                info="0 = greedy (always the likeliest token)")
+        top_k = gr.Slider(0, 200, value=defaults.top_k or 0, step=1, label="Top-k", info="0 = off")
+    with gr.Row():
+        top_p = gr.Slider(0.01, 1.0, value=defaults.top_p, step=0.01, label="Top-p",
+                          info="keep the likeliest tokens up to this total probability")
+        repetition_penalty = gr.Slider(0.5, 2.0, value=defaults.repetition_penalty, step=0.05,
+                                       label="Repetition penalty", info="1 = off; above 1 repeats less")
+        seed = gr.Number(value=defaults.seed, precision=0, label="Seed",
+                         info="empty = random; the same seed gives the same reply")
+    stop = gr.Textbox(value=stop_text(defaults.stop), lines=2, label="Stop strings",
+                      info="one per line; the reply ends before the first one (write \\n for a newline)")
+    return GenerationControls(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+
+
+def context_meter(prompt: Prompt, context_length: int, max_new_tokens: int) -> str:
+    """One line: how much of the model's context this exchange used, and what was left out to fit."""
+    text = (f"Context: **{prompt.n_tokens}** of {context_length} tokens used by the prompt, "
+            f"up to {max_new_tokens} kept for the reply")
+    if prompt.dropped:
+        text += f" · {prompt.dropped} earlier message{'s' if prompt.dropped != 1 else ''} dropped to fit"
+    if prompt.truncated:
+        text += " · your message was too long: only its end was kept"
+    return text + "."
+
+
+def stats_text(stats: LogStats, log_path, threshold: int) -> str:
+    ready = "yes" if stats.ready_for_finetune else f"not yet (needs {threshold} exchanges)"
+    text = (f"**Chat log** `{log_path}`: {stats.exchanges} exchanges logged in {stats.conversations} "
+            f"conversations · {stats.liked} liked · {stats.disliked} disliked · ready for fine-tune: {ready}")
+    if stats.malformed:
+        text += f" · {stats.malformed} unreadable lines skipped"
+    return text + "."

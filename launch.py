@@ -1,0 +1,127 @@
+"""Start the nanogpt-chat web app.
+
+    python launch.py                                   # http://127.0.0.1:7860, the config's default backend
+    python launch.py --backend native --port 8000
+    python launch.py --host 0.0.0.0 --auth alice:s3cret # reachable from other machines, behind a password
+
+The page is up in a few seconds: the default backend loads in a background thread and the UI shows its
+status. Gradio's analytics are off. A bad flag prints one sentence and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+
+# Before anything imports gradio: no usage analytics leave this machine.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+EXIT_BAD_FLAGS = 2
+
+
+class FlagError(Exception):
+    """A flag the user gave cannot work; the message says what to do."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage dump becomes one sentence
+        raise FlagError(f"{message[0].upper()}{message[1:]}; see python launch.py --help.")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(prog="launch.py", description="Chat with small language models in your browser.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    p.add_argument("--backend", default=None,
+                   help="backend key from the config to start with (default: [app].default_backend)")
+    p.add_argument("--config", default=None,
+                   help="app config TOML (default: $NANOGPT_CHAT_CONFIG, else configs/app.toml)")
+    p.add_argument("--history", default=None,
+                   help="chat log to append to (default: [app].history, else chat_history.jsonl)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="require this login (required when --host is not a loopback address)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host (or --share) without --auth")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    args = p.parse_args(argv)
+    check_flags(args)
+    return args
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    if not 1 <= args.port <= 65535:
+        raise FlagError(f"--port must be between 1 and 65535, got {args.port}.")
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not (sep and user and password):
+            raise FlagError("--auth must be USER:PASSWORD with both parts non-empty, e.g. --auth alice:s3cret.")
+        args.auth = (user, password)
+    exposed = not is_loopback(args.host) or args.share
+    if exposed and args.auth is None and not args.insecure_no_auth:
+        where = "--share" if args.share else f"--host {args.host}"
+        raise FlagError(f"{where} makes the chat reachable from other machines: add --auth USER:PASSWORD "
+                        "(or --insecure-no-auth if you really want it open).")
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((args.host.strip("[]"), args.port))
+        except OSError as exc:
+            raise FlagError(f"Cannot listen on {args.host}:{args.port} ({exc.strerror or exc}): pass --port "
+                            "with a free port or --host with an address of this machine.") from None
+
+
+def build(args: argparse.Namespace):
+    """The app for these flags; FlagError if the config, backend or chat log cannot work."""
+    from backends import BackendError
+    from backends.registry import load_config
+    from chatapp.history import ChatLog, ChatLogError
+    from chatapp.ui import build_app
+
+    try:
+        config = load_config(args.config)
+    except (BackendError, ValueError, OSError) as exc:
+        raise FlagError(f"Cannot read the config: {exc}") from None
+    app = config.get("app") or {}
+    history = args.history or app.get("history") or "chat_history.jsonl"
+    try:
+        ChatLog(history).check_writable()
+        return build_app(config, history, args.backend)
+    except (BackendError, ValueError, ChatLogError) as exc:
+        raise FlagError(str(exc)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        demo = build(args)
+    except FlagError as exc:
+        print(f"launch.py: {exc}", file=sys.stderr)
+        return EXIT_BAD_FLAGS
+    service = demo.chat_service
+    service.slots.load_in_background(service.default_backend)  # the page is usable while it loads
+    demo.launch(server_name=args.host, server_port=args.port, auth=args.auth, share=args.share,
+                show_error=False, quiet=True, footer_links=["api", "settings"], prevent_thread_lock=True)
+    print(f"nanogpt-chat is running at {demo.local_url} (backend {service.default_backend} is loading in the "
+          f"background; chat log {service.log_path}). Press Ctrl-C to stop it.", flush=True)
+    if demo.share_url:
+        print(f"Public link: {demo.share_url}", flush=True)
+    demo.block_thread()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

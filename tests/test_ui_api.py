@@ -1,0 +1,211 @@
+"""The app's named API (/chat, /stats, /backends) against a live server on loopback, through gradio_client.
+
+Fast tests use the conftest's tiny random GPT-2 (native and transformers forms of the same weights); the
+slow ones chat with the real configured backends (the bundled SmolLM2) from configs/app.toml.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from live_server import LiveApp, write_tiny_config
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_native_ckpt, tiny_gpt2_hf_dir):
+    """One app for the module (starting one costs seconds); each test sees only its own log lines."""
+    directory = tmp_path_factory.mktemp("ui-api")
+    config = write_tiny_config(directory, tiny_native_ckpt, tiny_gpt2_hf_dir)
+    with LiveApp(config, directory / "chat_history.jsonl") as live:
+        yield live
+
+
+@pytest.fixture
+def app(server):
+    server.mark_log()
+    return server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server.url, verbose=False)
+
+
+def test_only_the_named_endpoints_are_public(client):
+    assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
+        "/chat", "/stats", "/backends"}
+
+
+def test_backends_lists_configured_keys_labels_and_the_default(client):
+    backends = client.predict(api_name="/backends")
+    assert [(b["key"], b["label"], b["kind"], b["default"]) for b in backends] == [
+        ("native", "Tiny native GPT-2", "native", True), ("hf", "Tiny transformers GPT-2", "hf", False)]
+
+
+@pytest.mark.parametrize("backend", ["native", "hf"])
+def test_chat_replies_on_each_backend_and_logs_the_call_as_one_exchange(app, client, backend):
+    reply = client.predict("Hello there", backend=backend, seed=7, api_name="/chat")
+    assert isinstance(reply, str) and reply
+    [exchange] = app.exchanges()
+    assert exchange["user"] == "Hello there" and exchange["assistant"] == reply
+    assert exchange["backend"] == backend and exchange["turn"] == 0
+    assert exchange["system_prompt"] == "Be brief."  # the config's default
+    assert exchange["config"]["max_new_tokens"] == 8 and exchange["config"]["seed"] == 7
+
+
+def test_native_and_transformers_give_the_same_greedy_reply_through_the_api(client):
+    native = client.predict("Tell me a story", backend="native", temperature=0, api_name="/chat")
+    hf = client.predict("Tell me a story", backend="hf", temperature=0, api_name="/chat")
+    assert native == hf
+
+
+def test_chat_streams_a_growing_reply_whose_last_value_is_the_final_text(app, client):
+    job = client.submit("Stream this", temperature=0, max_new_tokens=12, api_name="/chat")
+    partials = list(job)
+    final = job.outputs()[-1]
+    assert len(partials) >= 2 and final == partials[-1]
+    assert all(final.startswith(p) for p in partials)
+    assert [e["assistant"] for e in app.exchanges()] == [final]
+
+
+def test_chat_uses_history_system_prompt_and_every_setting(app, client):
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    client.predict("And now?", history=history, backend="hf", system_prompt="Answer in French.",
+                   max_new_tokens=5, temperature=0.5, top_k=10, top_p=0.9, repetition_penalty=1.3,
+                   stop=["\n\n"], seed=3, api_name="/chat")
+    [exchange] = app.exchanges()
+    assert exchange["turn"] == 1 and exchange["system_prompt"] == "Answer in French."
+    config = exchange["config"]
+    assert (config["max_new_tokens"], config["temperature"], config["top_k"], config["top_p"],
+            config["repetition_penalty"], config["seed"]) == (5, 0.5, 10, 0.9, 1.3, 3)
+    assert "\n\n" in config["stop"]
+
+
+def test_same_seed_gives_the_same_reply(client):
+    first = client.predict("Pick a word", seed=11, temperature=1.0, api_name="/chat")
+    again = client.predict("Pick a word", seed=11, temperature=1.0, api_name="/chat")
+    assert first == again
+
+
+def test_stats_counts_exchanges_and_feedback(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir):
+    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir)
+    with LiveApp(config, tmp_path / "log.jsonl") as app:
+        client = Client(app.url, verbose=False)
+        stats = client.predict(api_name="/stats")
+        assert (stats["exchanges"], stats["ready_for_finetune"]) == (0, False)
+        for text in ("one", "two", "three"):
+            client.predict(text, api_name="/chat")
+        [first, second, _] = app.exchanges()
+        app.service.log.append_feedback(conversation_id=first["conversation_id"], turn=0, rating="like")
+        app.service.log.append_feedback(conversation_id=second["conversation_id"], turn=0, rating="dislike")
+        stats = client.predict(api_name="/stats")
+        assert (stats["exchanges"], stats["conversations"], stats["liked"], stats["disliked"]) == (3, 3, 1, 1)
+        assert stats["ready_for_finetune"] is True and stats["ready_threshold"] == 3
+
+
+def test_eight_concurrent_clients_each_get_their_own_reply_logged_exactly_once(app):
+    results: dict[int, str] = {}
+    errors = []
+
+    def chat(i: int) -> None:
+        try:
+            results[i] = Client(app.url, verbose=False).predict(
+                f"client {i} says hello", backend="native" if i % 2 else "hf", seed=i, api_name="/chat")
+        except Exception as exc:  # surfaced below with the client number
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    exchanges = app.exchanges()
+    assert sorted(e["user"] for e in exchanges) == sorted(f"client {i} says hello" for i in range(8))
+    by_user = {e["user"]: e for e in exchanges}
+    for i in range(8):
+        assert by_user[f"client {i} says hello"]["assistant"] == results[i]
+    assert len({e["conversation_id"] for e in exchanges}) == 8
+
+
+USER_ERRORS = [
+    (dict(message="Hi", backend="nope"), "Unknown backend 'nope': choose one of native, hf."),
+    (dict(message="Hi", temperature=-1), "temperature must be a number >= 0"),
+    (dict(message="Hi", top_k=2.5), "top_k must be a whole number"),
+    (dict(message="Hi", max_new_tokens=1000), "leaves no room for the prompt"),
+    (dict(message="   "), "message must be a non-empty string."),
+    (dict(message="Hi", history=[{"role": "robot", "content": "x"}]), "history[0] must be a message"),
+]
+
+
+def test_user_errors_come_back_as_one_sentence_and_log_nothing(app, client):
+    for kwargs, sentence in USER_ERRORS:
+        with pytest.raises(AppError) as info:
+            client.predict(**kwargs, api_name="/chat")
+        assert sentence in str(info.value) and "Traceback" not in str(info.value), kwargs
+    assert app.exchanges() == []
+
+
+def test_a_backend_that_cannot_load_is_reported_not_crashed(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir):
+    extra = f'[backends.broken]\nlabel = "Missing"\nkind = "native"\ncheckpoint = "{tmp_path / "nowhere"}"\n'
+    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir, extra=extra)
+    with LiveApp(config, tmp_path / "log.jsonl") as live:
+        client = Client(live.url, verbose=False)
+        with pytest.raises(AppError) as info:
+            client.predict("Hi", backend="broken", api_name="/chat")
+        assert "Missing could not be loaded" in str(info.value) and "nowhere" in str(info.value)
+        assert client.predict("Hi", api_name="/chat")  # the other backends still work
+        states = {b["key"]: b["state"] for b in client.predict(api_name="/backends")}
+        assert states["broken"] == "failed" and states["native"] == "ready"
+
+
+def _copy_checkpoint(src, dst, created: float):
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "meta.json").read_text())
+    meta["created"] = created
+    (dst / "meta.json").write_text(json.dumps(meta))
+
+
+def test_reload_serves_the_newest_native_checkpoint_without_a_restart(tmp_path, monkeypatch, tiny_native_ckpt,
+                                                                     tiny_gpt2_hf_dir):
+    models = tmp_path / "models"
+    _copy_checkpoint(tiny_native_ckpt, models / "base", created=1000.0)
+    monkeypatch.setenv("NANOGPT_CHAT_MODELS", str(models))
+    config = write_tiny_config(tmp_path, "latest", tiny_gpt2_hf_dir)
+    with LiveApp(config, tmp_path / "log.jsonl") as live:
+        client = Client(live.url, verbose=False)
+        client.predict("before", api_name="/chat")
+        _copy_checkpoint(tiny_native_ckpt, models / "finetuned", created=2000.0)
+        live.service.slots.reload("native")
+        assert live.service.slots.wait("native", timeout=60)
+        assert "finetuned" in live.service.slots.status("native").message
+        client.predict("after", api_name="/chat")
+        models_used = {e["user"]: e["model"] for e in live.exchanges()}
+        assert models_used["before"].endswith("base") and models_used["after"].endswith("finetuned")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["smollm2", "native"])
+def test_bundled_smollm2_answers_a_question_through_the_api(tmp_path, backend):
+    """The real config: the bundled GGUF through transformers, and its native conversion (make setup)."""
+    from gpt.checkpoint import CheckpointError, resolve_checkpoint
+
+    if backend == "native":
+        try:
+            resolve_checkpoint("latest")
+        except CheckpointError:
+            pytest.fail("no native checkpoint under models/native: run `make setup` first")
+    with LiveApp(None, tmp_path / "log.jsonl") as live:
+        client = Client(live.url, verbose=False)
+        start = time.perf_counter()
+        reply = client.predict("What is the capital of France?", backend=backend, temperature=0,
+                               system_prompt="", max_new_tokens=24, api_name="/chat")
+        assert "Paris" in reply, reply
+        assert time.perf_counter() - start < 120
+        assert [e["backend"] for e in live.exchanges()] == [backend]
