@@ -146,7 +146,7 @@ class HFBackend(ChatBackend):
 
         def pieces(reply: ReplyStream):
             halt = threading.Event()
-            streamer = _ReplyStreamer(loaded, reply, cfg.stop, halt)
+            streamer = _ReplyStreamer(loaded, reply)
             failure: list[BaseException] = []
 
             def run():
@@ -156,7 +156,7 @@ class HFBackend(ChatBackend):
                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                         generation_config=_hf_generation_config(loaded, cfg, limit),
                         logits_processor=_sampling_processors(cfg, device),
-                        stopping_criteria=StoppingCriteriaList([_HaltWhenSet(halt)]),
+                        stopping_criteria=StoppingCriteriaList([_StopWatch(loaded, cfg.stop, halt)]),
                         streamer=streamer)
                 except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread below
                     failure.append(e)
@@ -230,27 +230,33 @@ class _SeededSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
 
 
-class _HaltWhenSet(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
+class _StopWatch(StoppingCriteria):
+    """Ends generation at the token that completes a stop string, or once `halt` is set (the consumer closed
+    the stream). transformers calls this right after appending each token, before streaming it."""
+
+    def __init__(self, loaded: _Loaded, stops: tuple[str, ...], halt: threading.Event):
+        self.stop_ids = loaded.stop_ids
+        self.halt = halt
+        self._text = IncrementalDecoder(loaded.text)
+        self._stops = StopMatcher(stops)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        token = int(input_ids[0, -1])
+        if self._stops.stops and token not in self.stop_ids:
+            self._stops.push(self._text.push(token))
+        done = self._stops.stopped or self.halt.is_set()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class _ReplyStreamer(TextIteratorStreamer):
-    """TextIteratorStreamer that leaves end-of-text ids out of the text, records the generated ids, and
-    raises the halt flag at the token that completes a stop string (so generation goes no further)."""
+    """TextIteratorStreamer that records the generated ids and leaves end-of-text ids out of the text."""
 
-    def __init__(self, loaded: _Loaded, reply: ReplyStream, stops: tuple[str, ...], halt: threading.Event):
+    def __init__(self, loaded: _Loaded, reply: ReplyStream):
         super().__init__(loaded.tokenizer, skip_prompt=True, skip_special_tokens=False,
                          clean_up_tokenization_spaces=False)
         self.reply = reply
         self.stop_ids = loaded.stop_ids
-        self.halt = halt
         self.saw_eot = False
-        self._watch_text = IncrementalDecoder(loaded.text)
-        self._watch_stops = StopMatcher(stops)
 
     def put(self, value: torch.Tensor) -> None:
         if self.next_tokens_are_prompt:
@@ -262,12 +268,6 @@ class _ReplyStreamer(TextIteratorStreamer):
                 self.saw_eot = True
                 break
             kept.append(token)
-        if not kept:
-            return
-        self.reply.token_ids.extend(kept)
-        super().put(torch.tensor(kept))
-        if self._watch_stops.stops:
-            for token in kept:
-                self._watch_stops.push(self._watch_text.push(token))
-            if self._watch_stops.stopped:
-                self.halt.set()
+        if kept:
+            self.reply.token_ids.extend(kept)
+            super().put(torch.tensor(kept))
