@@ -254,6 +254,16 @@ def test_smollm2_ends_its_turn_with_end_of_text():
 
 
 @pytest.mark.slow
+def test_smollm2_prompt_is_the_tokenizers_own_chat_template():
+    backend = smollm2_backend()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
+    tokenizer = backend._model().tokenizer
+    assert backend.format_chat(messages) == tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                          add_generation_prompt=True)
+
+
+@pytest.mark.slow
 def test_smollm2_answers_paris_offline():
     backend = create_backend("smollm2") if not _SMOLLM2 else smollm2_backend()
     reply = backend.generate(_chat(backend, "What is the capital of France?"), GenerationConfig(temperature=0))
