@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt.assets import REPO_ROOT, AssetMissing
@@ -144,7 +145,7 @@ def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu",
         tokenizer = load_tokenizer(config.get("tokenizer", "gpt2"), base_dir=path)
     except AssetMissing:  # not the checkpoint's fault: its message says how to fetch the tokenizer
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: weights that do not fit
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # RuntimeError: weights that do not fit
         raise CheckpointError(f"{path} could not be read ({str(e)[:300]}): it may be damaged or incomplete; "
                               f"use another checkpoint or write it again.") from e
     if model.config.tie_embeddings:
