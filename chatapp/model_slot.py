@@ -44,6 +44,7 @@ class _Slot:
         self.error = ""
         self.in_use = 0
         self.note = ""  # why the last reload did not take effect
+        self.release_when_idle = False  # switched away from while a reply was still streaming
         self.loaded = threading.Event()  # set whenever the slot is not loading
         self.loaded.set()
 
@@ -148,14 +149,18 @@ class ModelSlots:
         with self._lock:
             self._chosen.pop(session, None)
 
-    def _release_unused(self) -> None:
-        keep = set(self._chosen.values())
+    def _release_unused(self, only: _Slot | None = None) -> None:
         freed = []
         with self._lock:
-            for slot in self._slots.values():
-                if slot.state == READY and slot.key not in keep and slot.in_use == 0:
+            keep = set(self._chosen.values())
+            for slot in [only] if only else self._slots.values():
+                if slot.state != READY or slot.key in keep:
+                    slot.release_when_idle = False
+                elif slot.in_use:
+                    slot.release_when_idle = True  # the last reply using it releases it
+                else:
                     freed.append(slot.backend)
-                    slot.backend, slot.state = None, IDLE
+                    slot.backend, slot.state, slot.release_when_idle = None, IDLE, False
         for backend in freed:  # outside the lock: a new load of the same key builds a fresh backend object
             backend.release()
 
@@ -182,6 +187,9 @@ class ModelSlots:
         finally:
             with self._lock:
                 slot.in_use -= 1
+                release = slot.release_when_idle and slot.in_use == 0
+            if release:
+                self._release_unused(only=slot)
 
     # --- fine-tuned checkpoints ------------------------------------------------------------------------
     def reload(self, key: str) -> SlotStatus:

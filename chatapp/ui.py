@@ -45,29 +45,32 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
     with gr.Blocks(title="nanogpt-chat") as demo:
         conversation = gr.State({})  # {"conversation_id": ...}, one per browser session
         gr.Markdown("## nanogpt-chat")
-        with gr.Row(equal_height=True):
-            backend = gr.Dropdown(choices, value=service.default_backend, label="Backend", scale=2,
-                                  elem_id="backend")
-            status = gr.Markdown(slots.status(service.default_backend).message, elem_id="status")
-            reload_button = gr.Button("Reload native checkpoint", scale=1, size="sm",
-                                      elem_id="reload-native")
-        chatbot = gr.Chatbot(height=440, editable="all", feedback_options=("Like", "Dislike"),
-                             placeholder="Type a message below; replies stream in here. Rate replies with "
-                                         "👍 / 👎 or edit them to teach the model.", elem_id="chatbot")
-        meter = gr.Markdown("Context: nothing sent yet.", elem_id="context-meter")
         with gr.Row():
-            message = gr.Textbox(placeholder="Message", show_label=False, scale=6, autofocus=True,
-                                 submit_btn=False, elem_id="message")
-            send_button = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-            stop_button = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
-        with gr.Row():
-            regenerate_button = gr.Button("Regenerate", size="sm", elem_id="regenerate")
-            clear_button = gr.Button("Clear", size="sm", elem_id="clear")
-        with gr.Accordion("System prompt and generation settings", open=False):
-            system_prompt = gr.Textbox(value=service.system_prompt, lines=2, label="System prompt",
-                                       elem_id="system-prompt")
-            controls = build_generation_controls(service.generation)
-        stats = gr.Markdown(service.stats_text(), elem_id="stats")
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(height=520, editable="all", show_label=False, feedback_options=("Like", "Dislike"),
+                                     placeholder="Type a message below; replies stream in here. Rate a reply "
+                                                 "with 👍 / 👎, or edit it to teach the model a better answer.",
+                                     elem_id="chatbot")
+                meter = gr.Markdown("Context: nothing sent yet.", elem_id="context-meter")
+                with gr.Row():
+                    message = gr.Textbox(placeholder="Message (Enter sends)", show_label=False, scale=6,
+                                         autofocus=True, submit_btn=False, elem_id="message")
+                    send_button = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+                    stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop")
+                with gr.Row():
+                    regenerate_button = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+                    clear_button = gr.Button("Clear", size="sm", elem_id="clear")
+            with gr.Column(scale=1, min_width=300):
+                backend = gr.Dropdown(choices, value=service.default_backend, label="Backend",
+                                      elem_id="backend")
+                status = gr.Markdown(slots.status(service.default_backend).message, elem_id="status")
+                reload_button = gr.Button("Reload native checkpoint", size="sm", elem_id="reload-native")
+                stats = gr.Markdown(service.stats_text(), elem_id="stats")
+                with gr.Accordion("System prompt", open=False):
+                    system_prompt = gr.Textbox(value=service.system_prompt, lines=3, show_label=False,
+                                               elem_id="system-prompt")
+                with gr.Accordion("Generation settings", open=False):
+                    controls = build_generation_controls(service.generation)
 
         settings = [backend, system_prompt, *controls.inputs]
 

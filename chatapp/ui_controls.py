@@ -7,7 +7,9 @@ arguments) back into a validated GenerationConfig. Used by chatapp/ui.py; nothin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -15,27 +17,29 @@ from backends import GenerationConfig
 from chatapp.budget import Prompt
 from chatapp.history import LogStats
 
+_ESCAPES = {"\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
+
 
 def stop_text(stop: tuple[str, ...]) -> str:
-    """Stop strings as the textbox shows them: one per line, a newline inside one written as \\n."""
-    return "\n".join(s.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t") for s in stop)
+    """Stop strings as the textbox shows them: one per line; backslash, newline, tab, CR written as escapes."""
+    return "\n".join(s.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+                     for s in stop)
 
 
 def parse_stop_text(text: str) -> tuple[str, ...]:
-    """The inverse of `stop_text`; blank lines are ignored."""
+    """The inverse of `stop_text`; blank lines are ignored, an unknown escape is kept as typed."""
     out = []
-    for line in (text or "").splitlines():
-        if not line:
-            continue
+    for line in (text or "").replace("\r\n", "\n").split("\n"):
         value, i = [], 0
         while i < len(line):
-            if line[i] == "\\" and i + 1 < len(line) and line[i + 1] in "nt\\":
-                value.append({"n": "\n", "t": "\t", "\\": "\\"}[line[i + 1]])
+            if line[i] == "\\" and i + 1 < len(line) and line[i + 1] in _ESCAPES:
+                value.append(_ESCAPES[line[i + 1]])
                 i += 2
             else:
                 value.append(line[i])
                 i += 1
-        out.append("".join(value))
+        if value:
+            out.append("".join(value))
     return tuple(out)
 
 
@@ -43,7 +47,8 @@ def _whole(name: str, value) -> int | None:
     """Sliders and number boxes send floats (5.0); the config wants integers."""
     if value is None or value == "":
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or float(value) != int(value):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
     return int(value)
 
@@ -81,22 +86,20 @@ class GenerationControls:
 
 
 def build_generation_controls(defaults: GenerationConfig, max_tokens: int = 2048) -> GenerationControls:
-    """The controls, laid out in the current Blocks context (call inside an Accordion)."""
-    with gr.Row():
-        max_new_tokens = gr.Slider(1, max(max_tokens, defaults.max_new_tokens), value=defaults.max_new_tokens,
-                                   step=1, label="Max new tokens", info="the longest reply, in tokens")
-        temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature",
-                                info="0 = greedy (always the likeliest token)")
-        top_k = gr.Slider(0, 200, value=defaults.top_k or 0, step=1, label="Top-k", info="0 = off")
-    with gr.Row():
-        top_p = gr.Slider(0.01, 1.0, value=defaults.top_p, step=0.01, label="Top-p",
-                          info="keep the likeliest tokens up to this total probability")
-        repetition_penalty = gr.Slider(0.5, 2.0, value=defaults.repetition_penalty, step=0.05,
-                                       label="Repetition penalty", info="1 = off; above 1 repeats less")
-        seed = gr.Number(value=defaults.seed, precision=0, label="Seed",
-                         info="empty = random; the same seed gives the same reply")
+    """The controls, stacked in the current Blocks context (call inside an Accordion)."""
+    max_new_tokens = gr.Slider(1, max(max_tokens, defaults.max_new_tokens), value=defaults.max_new_tokens,
+                               step=1, label="Max new tokens", info="the longest reply, in tokens")
+    temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature",
+                            info="0 = greedy: always the likeliest token")
+    top_k = gr.Slider(0, 200, value=defaults.top_k or 0, step=1, label="Top-k", info="0 = off")
+    top_p = gr.Slider(0.01, 1.0, value=defaults.top_p, step=0.01, label="Top-p",
+                      info="keep the likeliest tokens up to this total probability")
+    repetition_penalty = gr.Slider(0.5, 2.0, value=defaults.repetition_penalty, step=0.05,
+                                   label="Repetition penalty", info="1 = off; above 1 repeats less")
     stop = gr.Textbox(value=stop_text(defaults.stop), lines=2, label="Stop strings",
                       info="one per line; the reply ends before the first one (write \\n for a newline)")
+    seed = gr.Number(value=defaults.seed, precision=0, label="Seed",
+                     info="empty = random; the same seed gives the same reply")
     return GenerationControls(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
 
 
@@ -111,10 +114,17 @@ def context_meter(prompt: Prompt, context_length: int, max_new_tokens: int) -> s
     return text + "."
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def stats_text(stats: LogStats, log_path, threshold: int) -> str:
-    ready = "yes" if stats.ready_for_finetune else f"not yet (needs {threshold} exchanges)"
-    text = (f"**Chat log** `{log_path}`: {stats.exchanges} exchanges logged in {stats.conversations} "
-            f"conversations · {stats.liked} liked · {stats.disliked} disliked · ready for fine-tune: {ready}")
+    """The stats panel: what the chat log holds for fine-tuning."""
+    ready = "**yes**" if stats.ready_for_finetune else f"not yet (at {threshold} exchanges)"
+    lines = [f"**Chat log** `{Path(log_path).name}`",
+             f"- {_count(stats.exchanges, 'exchange')} logged in {_count(stats.conversations, 'conversation')}",
+             f"- {stats.liked} liked · {stats.disliked} disliked",
+             f"- ready for fine-tune: {ready}"]
     if stats.malformed:
-        text += f" · {stats.malformed} unreadable lines skipped"
-    return text + "."
+        lines.append(f"- {_count(stats.malformed, 'unreadable line')} skipped")
+    return "\n".join(lines)

@@ -18,7 +18,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_tiny_config(directory: Path, native_ckpt, hf_dir, extra: str = "", default: str = "native") -> Path:
+def write_tiny_config(directory: Path, native_ckpt, hf_dir, extra: str = "", default: str = "native",
+                      max_new_tokens: int = 8) -> Path:
     """An app config whose backends are the conftest's tiny random GPT-2 (native and transformers forms)."""
     path = Path(directory) / "app.toml"
     path.write_text(f"""
@@ -28,7 +29,7 @@ system_prompt = "Be brief."
 ready_for_finetune = 3
 
 [generation]
-max_new_tokens = 8
+max_new_tokens = {max_new_tokens}
 temperature = 0.7
 top_k = 50
 top_p = 0.95

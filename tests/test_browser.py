@@ -1,0 +1,126 @@
+"""The web UI in a real browser: Playwright drives Debian's Chromium (/usr/bin/chromium; `make browser`
+installs it, never `playwright install`) against a live app serving the conftest's tiny GPT-2.
+
+    .venv/bin/python -m pytest tests/test_browser.py      # screenshots land in test-artifacts/
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from live_server import LiveApp, write_tiny_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+# The flags OFFLINE.md found to work here; Playwright adds --headless and its own profile directory.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+HF_LABEL = "Tiny transformers GPT-2"
+
+# Records every distinct text the newest assistant message shows, to prove the reply streamed in.
+WATCH_REPLY_JS = """() => {
+  window.__replyTexts = [];
+  const chat = document.querySelector('#chatbot');
+  new MutationObserver(() => {
+    const bots = chat.querySelectorAll('[data-testid="bot"]');
+    if (!bots.length) return;
+    const text = bots[bots.length - 1].innerText.trim();
+    const seen = window.__replyTexts;
+    if (text && seen[seen.length - 1] !== text) seen.push(text);
+  }).observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def wait_until(condition, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture
+def browser_page():
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        yield page
+        browser.close()
+
+
+@pytest.fixture
+def app(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir):
+    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir, max_new_tokens=48)
+    with LiveApp(config, tmp_path / "chat_history.jsonl") as live:
+        yield live
+
+
+def test_choose_backend_chat_like_and_edit_in_the_browser(app, browser_page):
+    page = browser_page
+    page.goto(app.url)
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    wait_until(lambda: "Ready: Tiny native GPT-2" in page.locator("#status").inner_text(),
+               what="the default backend to report ready")
+
+    # Switch backend: the model loads in the background and the status line says when it is ready.
+    page.locator("#backend input").click()
+    page.get_by_role("option", name=HF_LABEL).click()
+    wait_until(lambda: f"Ready: {HF_LABEL}" in page.locator("#status").inner_text(),
+               what="the transformers backend to load")
+
+    page.evaluate(WATCH_REPLY_JS)
+    page.locator("#message textarea").fill("Hello from the browser")
+    page.locator("#send").click()
+    exchange = wait_until(lambda: app.exchanges(), what="the exchange in the chat log")[0]
+    assert exchange["user"] == "Hello from the browser" and exchange["backend"] == "hf"
+    reply = exchange["assistant"]
+    bot = page.locator("#chatbot [data-testid='bot']").last
+    wait_until(lambda: bot.inner_text().strip() == reply, what="the final reply on the page")
+    seen = page.evaluate("window.__replyTexts")
+    assert len(seen) >= 2 and seen[-1] == reply, seen  # it grew in steps: streamed, not dumped at once
+    assert "of 128 tokens used by the prompt" in page.locator("#context-meter").inner_text()
+
+    page.locator("#chatbot button[aria-label='Like']").last.click()
+    feedback = wait_until(lambda: app.feedback(), what="the like in the chat log")
+    assert [(f["conversation_id"], f["turn"], f["rating"]) for f in feedback] == [
+        (exchange["conversation_id"], 0, "like")]
+    wait_until(lambda: "1 liked" in page.locator("#stats").inner_text(), what="the stats panel to count it")
+
+    # Correct the reply: the edit is a feedback line carrying the better answer.
+    page.locator("#chatbot button[aria-label='Edit']").last.click()
+    page.locator("#chatbot textarea.edit-textarea").fill("Hello! How can I help?")
+    page.locator("#chatbot button[aria-label='Submit']").click()
+    edits = wait_until(lambda: [f for f in app.feedback() if f["edited"]], what="the edit in the chat log")
+    assert [(e["turn"], e["rating"], e["edited"]) for e in edits] == [(0, None, "Hello! How can I help?")]
+    wait_until(lambda: bot.inner_text().strip() == "Hello! How can I help?", what="the edited reply shown")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-chat.png"), full_page=True)
+    assert len(app.exchanges()) == 1  # liking and editing never log a new exchange
+
+
+def test_sessions_in_two_browser_tabs_never_see_each_others_history(app, browser_page):
+    first = browser_page
+    second = first.context.browser.new_context().new_page()
+    for page, text in ((first, "I am the first tab"), (second, "I am the second tab")):
+        page.goto(app.url)
+        page.wait_for_selector("#message textarea", timeout=30_000)
+        page.locator("#message textarea").fill(text)
+        page.locator("#send").click()
+    wait_until(lambda: len(app.exchanges()) == 2, what="both exchanges in the log")
+    for page, mine, theirs in ((first, "first", "second"), (second, "second", "first")):
+        wait_until(lambda p=page: p.locator("#chatbot [data-testid='bot']").count() == 1, what="a reply")
+        chat = page.locator("#chatbot").inner_text()
+        assert f"I am the {mine} tab" in chat and f"I am the {theirs} tab" not in chat
+    assert len({e["conversation_id"] for e in app.exchanges()}) == 2

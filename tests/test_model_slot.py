@@ -1,0 +1,131 @@
+"""ModelSlots: one loaded model per backend key shared by all sessions, background loads, release on switch."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from backends import BackendError
+from chatapp.model_slot import ModelSlots
+
+CONFIG = {"backends": {"a": {"kind": "native", "label": "Model A"}, "b": {"kind": "hf", "label": "Model B"}}}
+
+
+class FakeBackend:
+    """Records loads and releases; loading blocks until the test lets it go."""
+
+    def __init__(self, key: str, gate: threading.Event):
+        self.key, self.gate = key, gate
+        self.loaded = self.released = False
+        self.model_name = f"{key}-v1"
+
+    def load(self):
+        assert self.gate.wait(10)
+        self.loaded = True
+
+    def reload(self):
+        self.model_name = f"{self.key}-v2"
+
+    def release(self):
+        self.released = True
+
+
+class Factory:
+    def __init__(self):
+        self.built: list[FakeBackend] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail: set[str] = set()
+
+    def __call__(self, key, config):
+        if key in self.fail:
+            raise BackendError(f"checkpoint for {key} is missing: run make setup.")
+        backend = FakeBackend(key, self.gate)
+        self.built.append(backend)
+        return backend
+
+
+@pytest.fixture
+def factory():
+    return Factory()
+
+
+@pytest.fixture
+def slots(factory):
+    return ModelSlots(CONFIG, factory=factory)
+
+
+def test_choosing_loads_in_the_background_with_a_visible_status(slots, factory):
+    factory.gate.clear()
+    status = slots.choose("s1", "a")  # returns at once although the load is blocked
+    assert status.state == "loading" and "Loading Model A" in status.message
+    assert not slots.wait("a", timeout=0.05)
+    factory.gate.set()
+    assert slots.wait("a", timeout=5)
+    assert slots.status("a").state == "ready" and "a-v1" in slots.status("a").message
+
+
+def test_sessions_share_one_loaded_model(slots, factory):
+    slots.choose("s1", "a")
+    slots.choose("s2", "a")
+    with slots.use("a") as one, slots.use("a") as two:
+        assert one is two
+    assert len(factory.built) == 1
+
+
+def test_switching_releases_the_previous_model_unless_another_session_uses_it(slots, factory):
+    slots.choose("s1", "a")
+    slots.choose("s2", "a")
+    slots.wait("a", 5)
+    slots.choose("s1", "b")
+    assert not factory.built[0].released  # s2 still chats with a
+    slots.choose("s2", "b")
+    slots.wait("b", 5)
+    assert factory.built[0].released and slots.status("a").state == "idle"
+    assert slots.loaded_keys() == ["b"]
+
+
+def test_a_model_in_use_is_released_only_when_its_reply_ends(slots, factory):
+    slots.choose("s1", "a")
+    with slots.use("a") as backend:
+        slots.choose("s1", "b")
+        assert not backend.released  # a reply is still streaming from it
+    assert backend.released
+
+
+def test_use_after_release_loads_a_fresh_model(slots, factory):
+    slots.choose("s1", "a")
+    slots.wait("a", 5)
+    slots.choose("s1", "b")
+    with slots.use("a") as backend:  # an API call may still ask for a
+        assert backend is not factory.built[0] and backend.loaded
+
+
+def test_a_failed_load_reports_the_sentence_and_is_retried(slots, factory):
+    factory.fail.add("a")
+    slots.choose("s1", "a")
+    slots.wait("a", 5)
+    assert slots.status("a").state == "failed"
+    assert slots.status("a").message == "Model A could not be loaded: checkpoint for a is missing: run make setup."
+    with pytest.raises(BackendError, match="run make setup"):
+        with slots.use("a"):
+            pass
+    factory.fail.clear()  # the user fixed it: the next use loads
+    with slots.use("a") as backend:
+        assert backend.loaded
+
+
+def test_unknown_key_is_a_sentence_listing_the_choices(slots):
+    with pytest.raises(BackendError, match="Unknown backend 'zzz': choose one of a, b."):
+        slots.choose("s1", "zzz")
+
+
+def test_reload_serves_the_newest_checkpoint_of_a_native_backend(slots, factory):
+    with slots.use("a") as backend:
+        assert backend.model_name == "a-v1"
+    slots.reload("a")
+    assert slots.wait("a", 5)
+    assert "a-v2" in slots.status("a").message and len(factory.built) == 1
+    with pytest.raises(BackendError, match="not a native checkpoint"):
+        slots.reload("b")

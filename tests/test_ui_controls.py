@@ -1,0 +1,68 @@
+"""The UI's settings panel values -> GenerationConfig, stop-string text, and the meter / stats texts."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backends import GenerationConfig
+from chatapp.budget import Prompt
+from chatapp.history import LogStats
+from chatapp.ui import turn_of
+from chatapp.ui_controls import context_meter, generation_config, parse_stop_text, stats_text, stop_text
+
+
+@given(st.lists(st.text(min_size=1), max_size=4))
+def test_stop_strings_survive_the_textbox_round_trip(stops):
+    assert parse_stop_text(stop_text(tuple(stops))) == tuple(stops)
+
+
+def test_stop_text_writes_newlines_as_escapes_one_string_per_line():
+    assert stop_text(("\nUser:", "END")) == "\\nUser:\nEND"
+    assert parse_stop_text("\\nUser:\n\nEND\n") == ("\nUser:", "END")
+
+
+def test_slider_floats_become_the_integers_the_config_wants():
+    cfg = generation_config(64.0, 0.5, 40.0, 0.9, 1.2, "\\n\\n", 7.0)
+    assert cfg == GenerationConfig(max_new_tokens=64, temperature=0.5, top_k=40, top_p=0.9,
+                                   repetition_penalty=1.2, stop=("\n\n",), seed=7)
+    assert generation_config(8, 0, 0, 1.0, 1.0, "", None).top_k is None  # 0 turns top-k off
+    assert generation_config(8, 0, 0, 1.0, 1.0, ["a"], None).stop == ("a",)  # the API passes a list
+
+
+@pytest.mark.parametrize("values, field", [
+    ((0, 0.7, 50, 0.9, 1.1, "", None), "max_new_tokens"),
+    ((8.5, 0.7, 50, 0.9, 1.1, "", None), "max_new_tokens"),
+    ((8, -0.1, 50, 0.9, 1.1, "", None), "temperature"),
+    ((8, 0.7, 50, 0.0, 1.1, "", None), "top_p"),
+    ((8, 0.7, 50, 0.9, 0.0, "", None), "repetition_penalty"),
+    ((8, 0.7, 50, 0.9, 1.1, "", 1.5), "seed"),
+    ((None, 0.7, 50, 0.9, 1.1, "", None), "max_new_tokens"),
+])
+def test_bad_settings_raise_a_sentence_naming_the_field(values, field):
+    with pytest.raises(ValueError, match=field):
+        generation_config(*values)
+
+
+def test_turn_of_counts_exchanges_before_a_message():
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+               {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    assert [turn_of(history, i) for i in range(4)] == [0, 0, 1, 1]
+
+
+def test_context_meter_reports_use_dropped_turns_and_truncation():
+    assert context_meter(Prompt("x", 300, 0, False), 2048, 128) == (
+        "Context: **300** of 2048 tokens used by the prompt, up to 128 kept for the reply.")
+    text = context_meter(Prompt("x", 900, 4, True), 1024, 124)
+    assert "4 earlier messages dropped to fit" in text and "only its end was kept" in text
+
+
+def test_stats_text_shows_counts_and_readiness():
+    text = stats_text(LogStats(conversations=1, exchanges=1, liked=1, disliked=0, malformed=2,
+                               ready_for_finetune=False), "/tmp/x/chat_history.jsonl", 10)
+    assert "1 exchange logged in 1 conversation" in text and "1 liked · 0 disliked" in text
+    assert "not yet (at 10 exchanges)" in text and "2 unreadable lines skipped" in text
+    assert "`chat_history.jsonl`" in text
+    ready = stats_text(LogStats(3, 12, 0, 0, 0, True), "log.jsonl", 10)
+    assert "12 exchanges logged in 3 conversations" in ready and "ready for fine-tune: **yes**" in ready
