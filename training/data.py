@@ -1,0 +1,257 @@
+"""Training data: the chat log (or a text file) as token and loss-mask arrays in memory-mapped files.
+
+    manifest = prepare_chat_data("chat_history.jsonl", tokenizer, "run.train/data", min_exchanges=10)
+    split = load_split("run.train/data", "train")      # tokens, mask, offsets (np.memmap)
+
+Each conversation is rendered by `gpt.chat_format.ChatFormat.training_examples`, the same rendering the
+native backend uses at inference: one example per assistant turn, the prompt with mask 0 and the reply
+plus its end marker with mask 1. Conversations are split 90/10 by a seeded hash of their id, so one
+conversation never lands on both sides and a growing log keeps old conversations where they were.
+
+On disk, per split: `<split>.tokens.bin` (uint16 when the vocabulary fits, else uint32), `<split>.mask.bin`
+(uint8) and `<split>.offsets.bin` (int64, example boundaries), and one `manifest.json` written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gpt.chat_format import ChatFormat, message_text
+from gpt.chatlog import Conversation, conversations, read_log
+from gpt.tokenizer import Tokenizer
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class DataError(ValueError):
+    """The training data cannot be used (missing log, too few exchanges, ...); the message says what to do."""
+
+
+def chat_format_for(tokenizer: Tokenizer) -> ChatFormat:
+    """The chat format the native backend builds for this tokenizer (its template, specials, bos/eos)."""
+    return ChatFormat(chat_template=tokenizer.chat_template, special_tokens=tuple(tokenizer.special_tokens),
+                      bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+
+
+def prompt_encoder(fmt: ChatFormat, tokenizer: Tokenizer):
+    """The tokenizer call the native backend uses on rendered prompts: template prompts carry markup."""
+    return tokenizer.encode_markup if fmt.uses_template else tokenizer.encode
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
+
+
+@dataclass
+class Selection:
+    """Which exchanges of each conversation become training targets (the rest stay as context)."""
+
+    conversation: Conversation
+    turns: list[int]  # indices into conversation.exchanges
+
+
+def select_exchanges(convs: list[Conversation], only_liked: bool = False,
+                     exclude_disliked: bool = False) -> tuple[list[Selection], dict]:
+    """Apply the feedback filters. An edited reply counts as liked: the user wrote what it should have said.
+
+    Disliked or unliked turns still appear as context of later turns (the model sees real histories at
+    inference); they are only never a target. Replies that are empty after edits are never targets.
+    """
+    counts = {"liked": 0, "disliked": 0, "edited": 0, "empty": 0, "filtered_out": 0}
+    selections = []
+    for conv in convs:
+        turns = []
+        for index, ex in enumerate(conv.exchanges):
+            rating, edited = conv.ratings.get(ex.turn), ex.turn in conv.edits
+            counts["liked"] += rating == "like"
+            counts["disliked"] += rating == "dislike"
+            counts["edited"] += edited
+            if not message_text(conv.edits.get(ex.turn, ex.assistant)).strip():
+                counts["empty"] += 1
+                continue
+            good = rating == "like" or edited
+            if (only_liked and not good) or (exclude_disliked and rating == "dislike" and not edited):
+                counts["filtered_out"] += 1
+                continue
+            turns.append(index)
+        if turns:
+            selections.append(Selection(conv, turns))
+    return selections, counts
+
+
+def split_by_conversation(selections: list[Selection], val_fraction: float,
+                          seed: int) -> tuple[list[Selection], list[Selection]]:
+    """Hold out about `val_fraction` of the conversations (at least one); needs two or more."""
+    if len(selections) < 2:
+        raise DataError("The chat log has only one usable conversation; fine-tuning holds whole conversations "
+                        "out for validation, so start at least one more conversation in the app.")
+    ranked = sorted(selections, key=lambda s: hashlib.sha256(
+        f"{seed}:{s.conversation.conversation_id}".encode()).hexdigest())
+    n_val = min(len(ranked) - 1, max(1, round(len(ranked) * val_fraction)))
+    return ranked[n_val:], ranked[:n_val]
+
+
+def render_examples(selections: list[Selection], fmt: ChatFormat, tokenizer: Tokenizer
+                    ) -> list[tuple[list[int], list[int]]]:
+    encode = prompt_encoder(fmt, tokenizer)
+    examples = []
+    for sel in selections:
+        per_turn = fmt.training_examples(sel.conversation.messages(), encode, tokenizer.eot_id)
+        examples.extend(per_turn[i] for i in sel.turns)
+    return examples
+
+
+def write_split(directory: Path, name: str, examples: list[tuple[list[int], list[int]]], dtype: np.dtype) -> dict:
+    lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
+    offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    tokens = np.memmap(directory / f"{name}.tokens.bin", dtype=dtype, mode="w+", shape=(max(total, 1),))
+    mask = np.memmap(directory / f"{name}.mask.bin", dtype=np.uint8, mode="w+", shape=(max(total, 1),))
+    for (ids, m), start in zip(examples, offsets[:-1], strict=True):
+        tokens[start:start + len(ids)] = ids
+        mask[start:start + len(m)] = m
+    tokens.flush()
+    mask.flush()
+    del tokens, mask
+    offsets.tofile(directory / f"{name}.offsets.bin")
+    return {"examples": len(examples), "tokens": total,
+            "target_tokens": int(sum(sum(m) for _, m in examples)),
+            "longest": int(lengths.max()) if len(lengths) else 0}
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, directory / MANIFEST)  # written last: a manifest means the arrays are complete
+
+
+def read_history(path: str | Path):
+    path = Path(path)
+    try:
+        return read_log(path)
+    except FileNotFoundError:
+        raise DataError(f"The chat history {path} does not exist: chat in the app first, or pass --history "
+                        f"with the path of your chat_history.jsonl.") from None
+    except IsADirectoryError:
+        raise DataError(f"The chat history {path} is a directory: pass --history with the path of a "
+                        f".jsonl file.") from None
+    except OSError as e:
+        raise DataError(f"The chat history {path} could not be read ({e.strerror or e}): check its "
+                        f"permissions or pass another --history.") from None
+
+
+def prepare_chat_data(history: str | Path, tokenizer: Tokenizer, directory: str | Path, *,
+                      only_liked: bool = False, exclude_disliked: bool = False, min_exchanges: int = 10,
+                      val_fraction: float = 0.1, seed: int = 1337) -> dict:
+    """Read, filter, split and tokenize the chat log into `directory`; returns the manifest."""
+    contents = read_history(history)
+    convs = conversations(contents)
+    selections, counts = select_exchanges(convs, only_liked, exclude_disliked)
+    usable = sum(len(s.turns) for s in selections)
+    if usable < min_exchanges:
+        filters = [f for f, on in (("--only-liked", only_liked), ("--exclude-disliked", exclude_disliked)) if on]
+        detail = f" after {' and '.join(filters)}" if filters else ""
+        raise DataError(f"The chat log {history} has {usable} usable exchanges{detail} "
+                        f"({contents.malformed} malformed lines skipped); fine-tuning needs at least "
+                        f"{min_exchanges}: chat more, or lower --min-exchanges.")
+    train_sel, val_sel = split_by_conversation(selections, val_fraction, seed)
+    fmt = chat_format_for(tokenizer)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    history = Path(history)
+    manifest = {
+        "format": FORMAT_VERSION, "kind": "chat", "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
+        "tokenizer": tokenizer.name, "eot_id": tokenizer.eot_id, "template": fmt.uses_template,
+        "source": {"history": str(history.resolve()), "sha256": _sha256(history),
+                   "exchanges": len(contents.exchanges), "feedback": len(contents.feedback),
+                   "conversations": len(convs), "malformed_lines": contents.malformed,
+                   "usable_exchanges": usable, "only_liked": only_liked, "exclude_disliked": exclude_disliked,
+                   **counts},
+        "splits": {},
+    }
+    for name, sel in (("train", train_sel), ("val", val_sel)):
+        stats = write_split(directory, name, render_examples(sel, fmt, tokenizer), dtype)
+        stats["conversations"] = [s.conversation.conversation_id for s in sel]
+        manifest["splits"][name] = stats
+    _write_manifest(directory, manifest)
+    return manifest
+
+
+def prepare_text_data(text_path: str | Path, tokenizer: Tokenizer, directory: str | Path, *,
+                      val_fraction: float = 0.1, min_tokens: int = 2) -> dict:
+    """Tokenize a plain text file; the last `val_fraction` of its tokens is the validation split."""
+    text_path = Path(text_path)
+    try:
+        text = text_path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise DataError(f"The text file {text_path} does not exist: pass --text with a plain text file.") from None
+    except OSError as e:
+        raise DataError(f"The text file {text_path} could not be read ({e.strerror or e}): pass another --text.") from None
+    ids = tokenizer.encode(text)
+    n_val = int(len(ids) * val_fraction)
+    if n_val < min_tokens or len(ids) - n_val < min_tokens:
+        raise DataError(f"The text file {text_path} has {len(ids)} tokens; with --block-size {min_tokens - 1} "
+                        f"each split needs at least {min_tokens}: use more text or a smaller --block-size.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    manifest = {"format": FORMAT_VERSION, "kind": "text", "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
+                "tokenizer": tokenizer.name, "eot_id": tokenizer.eot_id,
+                "source": {"text": str(text_path.resolve()), "sha256": _sha256(text_path)}, "splits": {}}
+    cut = len(ids) - n_val
+    for name, part in (("train", ids[:cut]), ("val", ids[cut:])):
+        manifest["splits"][name] = write_split(directory, name, [(part, [1] * len(part))], dtype)
+    _write_manifest(directory, manifest)
+    return manifest
+
+
+@dataclass
+class Split:
+    tokens: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.tokens[a:b], self.mask[a:b]
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise DataError(f"No complete training data in {directory} (its {MANIFEST} is missing or damaged): "
+                        f"run again without --resume to prepare it.") from None
+
+
+def load_split(directory: str | Path, name: str) -> Split:
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    n = manifest["splits"][name]["tokens"]
+    tokens = np.memmap(directory / f"{name}.tokens.bin", dtype=np.dtype(manifest["dtype"]), mode="r")[:n]
+    mask = np.memmap(directory / f"{name}.mask.bin", dtype=np.uint8, mode="r")[:n]
+    offsets = np.fromfile(directory / f"{name}.offsets.bin", dtype=np.int64)
+    return Split(tokens, mask, offsets)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

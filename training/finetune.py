@@ -1,0 +1,180 @@
+"""Fine-tune a native model on the chat log.
+
+    python -m training.finetune --history chat_history.jsonl --base latest --out models/native/my-run
+    python -m training.finetune --base models/native/smollm2-135m-instruct --max-iters 100 --lr 3e-5
+    python -m training.finetune --out models/native/my-run --resume          # continue an interrupted run
+    torchrun --nproc_per_node 4 -m training.finetune ...                     # the same, DDP on 4 GPUs
+
+Each conversation of the log is rendered exactly as the native backend renders prompts at inference (one
+example per assistant turn, loss on the reply and its end marker only), split 90/10 by conversation, and
+stored as memory-mapped token/mask arrays in `<out>.train/data/`. Training keeps the checkpoint with the
+lowest val loss in --out (atomically; the base is never touched), plus meta.json and loss_curve.png.
+The app's native backend serves it after a reload (`latest` is the newest checkpoint under models/native/).
+Exit status: 0 done, 2 bad input (one-sentence message), 130 interrupted (the best so far is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gpt.assets import REPO_ROOT
+from gpt.checkpoint import (
+    CheckpointError,
+    is_checkpoint,
+    load_checkpoint,
+    native_models_dir,
+    resolve_checkpoint,
+)
+from gpt.model import GPT
+from gpt.tokenizer import GPT2Tokenizer, Tokenizer
+from training.batches import ChatBatches
+from training.config import add_config_flags, load_config, overrides_from_args
+from training.data import load_split, prepare_chat_data, read_manifest
+from training.outputs import work_dir_for
+from training.run import (
+    UsageError,
+    check_out,
+    guarded,
+    prepare_once,
+    same_on_all,
+    say,
+    start_processes,
+    train_and_report,
+)
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "finetune.toml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__.split("\n\n")[0],
+                                     epilog="Defaults come from --config; each flag below overrides it.")
+    parser.add_argument("--history", default="chat_history.jsonl",
+                        help="the app's chat log (JSONL) to learn from (default: chat_history.jsonl)")
+    parser.add_argument("--base", default="latest",
+                        help="model to start from: a native checkpoint directory, 'latest' (the newest under "
+                             "models/native/), or a Hugging Face GPT-2 hub id or save_pretrained directory")
+    parser.add_argument("--out", default=None,
+                        help="checkpoint directory to write (default: models/native/finetuned-<timestamp>); "
+                             "must differ from --base")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None,
+                        help="TOML file of hyperparameters (default: configs/finetune.toml)")
+    parser.add_argument("--only-liked", action="store_true",
+                        help="learn only from replies rated 'like' (or edited by the user)")
+    parser.add_argument("--exclude-disliked", action="store_true",
+                        help="do not learn from replies rated 'dislike' (unless the user edited them)")
+    parser.add_argument("--min-exchanges", type=int, default=10,
+                        help="refuse to fine-tune on fewer usable exchanges than this (default: 10)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --out from its last saved state and data")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (evaluations still print)")
+    add_config_flags(parser)
+    return parser
+
+
+class BaseModel:
+    """The model to start from, with its tokenizer and a description for meta.json."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, source: str, path: Path | None):
+        self.model, self.tokenizer, self.source, self.path = model, tokenizer, source, path
+
+
+def load_base(spec: str) -> BaseModel:
+    """A native checkpoint (or `latest`), else a Hugging Face GPT-2 converted in memory through gpt.convert."""
+    path = Path(spec)
+    if spec == "latest" or is_checkpoint(path):
+        try:
+            resolved = resolve_checkpoint(spec)
+            model, tokenizer, _ = load_checkpoint(resolved)
+        except CheckpointError as e:
+            raise UsageError(f"The base model could not be loaded: {e}") from None
+        return BaseModel(model, tokenizer, str(resolved), resolved)
+    if path.exists() and not (path / "config.json").is_file():
+        raise UsageError(f"--base {spec} is neither a native checkpoint nor a Hugging Face model directory: pass "
+                         f"a directory written by gpt.convert or training.finetune, 'latest', or a GPT-2 hub id.")
+    if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise UsageError(f"--base {spec} does not exist: pass a native checkpoint directory, 'latest', or a "
+                         f"Hugging Face GPT-2 id or directory.")
+    from gpt.convert import ConvertError, gpt2_from_hf_model, load_hf_gpt2
+
+    try:
+        model = gpt2_from_hf_model(load_hf_gpt2(spec))
+    except ConvertError as e:
+        raise UsageError(str(e)) from None
+    return BaseModel(model, GPT2Tokenizer(), spec, path.resolve() if path.exists() else None)
+
+
+def default_out() -> Path:
+    return native_models_dir() / time.strftime("finetuned-%Y%m%d-%H%M%S")
+
+
+def finetune(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, overrides_from_args(args))
+    if args.min_exchanges < 1:
+        raise UsageError(f"--min-exchanges must be an integer >= 1, got {args.min_exchanges}.")
+    dist, device = start_processes(cfg)
+    out = Path(same_on_all(dist, str(args.out) if args.out else str(default_out())))
+    data_dir = work_dir_for(out) / "data"
+    torch.manual_seed(cfg.seed)
+
+    if args.resume:
+        check_out(out, resume=True)
+        model, tokenizer, meta = load_checkpoint(out)
+        base_source = meta.get("base", "unknown")
+        manifest = read_manifest(data_dir)
+        say(dist, f"resuming the run in {out} (base {base_source})")
+    else:
+        base = load_base(args.base)
+        check_out(out, resume=False, base_path=base.path)
+        model, tokenizer, base_source = base.model, base.tokenizer, base.source
+        manifest = prepare_once(dist, data_dir, lambda: prepare_chat_data(
+            args.history, tokenizer, data_dir, only_liked=args.only_liked, exclude_disliked=args.exclude_disliked,
+            min_exchanges=args.min_exchanges, val_fraction=cfg.val_fraction, seed=cfg.seed))
+        say(dist, describe_data(manifest))
+
+    cfg.block_size = min(cfg.block_size, model.config.block_size)
+    train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
+    batches = ChatBatches(train, val, cfg.block_size, cfg.batch_size, pad_id=tokenizer.eot_id, seed=cfg.seed,
+                          rank=dist.rank, world_size=dist.world_size)
+    say(dist, f"base {base_source}: {model.get_num_params() / 1e6:.1f}M parameters; training on {device} "
+              f"({dist.world_size} process{'es' if dist.world_size > 1 else ''}), block {cfg.block_size}, "
+              f"batch {cfg.batch_size} x accum {cfg.grad_accum}, lr {cfg.lr:g} -> {cfg.min_lr:g}")
+    source = manifest["source"]
+    meta = {"kind": "finetune", "base": base_source, "tokenizer": tokenizer.name, "config": cfg.to_dict(),
+            "skipped_lines": source["malformed_lines"],
+            "data": {"history": source["history"], "history_sha256": source["sha256"], "manifest": str(data_dir),
+                     "only_liked": source["only_liked"], "exclude_disliked": source["exclude_disliked"],
+                     "exchanges": source["usable_exchanges"],
+                     **{f"{name}_{key}": manifest["splits"][name][key] for name in ("train", "val")
+                        for key in ("examples", "tokens", "target_tokens")}}}
+    return train_and_report(model, tokenizer, batches, cfg, out, meta, dist=dist, device=device,
+                            resume=args.resume, progress=not args.no_progress)
+
+
+def describe_data(manifest: dict) -> str:
+    src, splits = manifest["source"], manifest["splits"]
+    filters = [name for name, on in (("only liked", src["only_liked"]), ("excluding disliked",
+                                                                          src["exclude_disliked"])) if on]
+    lines = [f"chat log {src['history']}: {src['exchanges']} exchanges in {src['conversations']} conversations, "
+             f"{src['feedback']} feedback lines, {src['malformed_lines']} malformed lines skipped",
+             f"usable exchanges: {src['usable_exchanges']}" + (f" ({', '.join(filters)})" if filters else "")
+             + (f"; {src['empty']} empty replies left out" if src["empty"] else "")]
+    for name in ("train", "val"):
+        s = splits[name]
+        lines.append(f"{name}: {len(s['conversations'])} conversations, {s['examples']} examples, "
+                     f"{s['tokens']:,} tokens ({s['target_tokens']:,} assistant tokens, longest example "
+                     f"{s['longest']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return guarded(lambda: finetune(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""The training loop shared by fine-tuning and pretraining.
+
+    trainer = Trainer(model, batches, cfg, device, dist, on_best=save, on_eval=save_state)
+    result = trainer.run()          # LoopResult: why it stopped, best val loss, tokens/s, history
+
+AdamW from `GPT.configure_optimizers` (fused on CUDA, decay on 2-D weights only), linear warmup then
+cosine decay to min_lr, gradient accumulation and clipping, autocast in bf16/fp16 on CUDA, optional
+torch.compile, train/val loss every eval_interval steps (iteration 0 included: the base's own val loss),
+early stopping after `patience` evaluations without a val-loss decrease of `min_delta`, and `on_best`
+whenever the val loss is the lowest so far. Under torchrun (DDP) every process trains on its own batches,
+losses are averaged over processes, and only rank 0 calls `on_best`/`on_eval` and draws the progress bar.
+Ctrl-C (or SIGTERM) stops after the current step; a save in progress finishes first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from tqdm.auto import tqdm
+
+from gpt.device import pick_device, pick_dtype
+from gpt.model import GPT
+from training.config import ConfigError, TrainConfig
+
+# Dense bf16 tensor-core peaks, for the MFU estimate on known GPUs.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """DDP when started by torchrun (RANK/WORLD_SIZE set): NCCL on GPUs, gloo on CPU; else one process."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed(), pick_device(device_name)
+    dist = Distributed(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist, device
+
+
+def cleanup_distributed(dist: Distributed) -> None:
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_iters, then cosine decay to min_lr at max_iters."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
+    span = max(1, cfg.max_iters - cfg.warmup_iters)
+    progress = min(1.0, (it - cfg.warmup_iters) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+@dataclass
+class LoopState:
+    """Everything about a run's progress that --resume needs besides weights and optimizer."""
+
+    iteration: int = 0
+    best_val_loss: float = math.inf
+    best_iter: int = -1
+    bad_evals: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)  # {"iter", "train_loss", "val_loss", "lr"}
+
+
+@dataclass
+class LoopResult:
+    state: LoopState
+    stopped: str  # "max_iters", "early_stopping" or "interrupted"
+    elapsed: float
+    tokens_per_s: float
+    mfu: float | None
+
+
+class Trainer:
+    def __init__(self, model: GPT, batches, cfg: TrainConfig, device: torch.device, dist: Distributed | None = None,
+                 on_best: Callable[[GPT, LoopState], None] | None = None,
+                 on_eval: Callable[[GPT, torch.optim.Optimizer, LoopState], None] | None = None,
+                 progress: bool = True):
+        self.cfg, self.device, self.dist = cfg, device, dist or Distributed()
+        self.batches = batches
+        self.on_best, self.on_eval, self.progress = on_best, on_eval, progress
+        self.dtype = pick_dtype(cfg.dtype, device)
+        if device.type != "cuda" and self.dtype == torch.float16:
+            raise ConfigError("dtype fp16 needs a CUDA device: use fp32 or bf16 here.")
+        self.model = model.to(device=device, dtype=torch.float32)  # fp32 master weights; autocast does the rest
+        set_dropout(self.model, cfg.dropout)
+        self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
+                                                         device.type)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.train_model = torch.compile(self.model) if cfg.compile else self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.state = LoopState()
+        self.peak_flops = _peak_flops(device) if self.dtype != torch.float32 else None
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def load_state(self, saved: dict) -> None:
+        """Continue from `save_training_state`'s dict (weights, optimizer, LoopState)."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state = LoopState(**saved["loop"])
+        self.batches.reseed(self.cfg.seed + self.state.iteration)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over target tokens of up to eval_iters batches of each split, averaged over processes."""
+        self.model.eval()
+        losses = {}
+        for name, batches in (("train", self.batches.train_eval_batches(self.cfg.eval_iters, self.device)),
+                              ("val", self.batches.val_batches(self.cfg.eval_iters, self.device))):
+            total = torch.zeros(2, dtype=torch.float64, device=self.device)
+            for x, y, m in batches:
+                with self.autocast():
+                    _, loss = self.model(x, y, m)
+                n = ((y != -1) & (m > 0)).sum()
+                total += torch.stack([loss.double() * n, n.double()])
+            if self.dist.enabled:
+                torch_dist.all_reduce(total)
+            losses[name] = float(total[0] / total[1].clamp(min=1))
+        self.model.train()
+        return losses
+
+    def _eval_and_decide(self, lr: float, bar) -> bool:
+        """Evaluate, keep the best, update patience; True when early stopping fires."""
+        s, cfg = self.state, self.cfg
+        losses = self.evaluate()
+        s.history.append({"iter": s.iteration, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+        improved = losses["val"] < s.best_val_loss - cfg.min_delta
+        s.bad_evals = 0 if improved else s.bad_evals + 1
+        best = losses["val"] < s.best_val_loss
+        if best:
+            s.best_val_loss, s.best_iter = losses["val"], s.iteration
+        if self.dist.is_main:
+            note = " (best so far, saved)" if best and self.on_best else ""
+            _log(bar, f"iter {s.iteration}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note}")
+            with deferred_interrupts():  # a checkpoint is never left half-written by Ctrl-C
+                if best and self.on_best:
+                    self.on_best(self.model, s)
+                if self.on_eval:
+                    self.on_eval(self.model, self.optimizer, s)
+        if self.dist.enabled:
+            torch_dist.barrier()
+        return cfg.patience > 0 and s.bad_evals >= cfg.patience
+
+    def _step(self, lr: float, batch) -> tuple[float, tuple]:
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            if self.dist.enabled:  # all-reduce gradients only on the last micro-batch
+                self.train_model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+            x, y, m = batch
+            with self.autocast():
+                _, loss = self.train_model(x, y, m)
+                loss = loss / cfg.grad_accum
+            batch = self.batches.train_batch(self.device)  # prepared while the device works
+            self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, batch
+
+    def run(self) -> LoopResult:
+        cfg, s = self.cfg, self.state
+        started = time.time()
+        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * self.dist.world_size
+        bar = tqdm(total=cfg.max_iters, initial=s.iteration, disable=not (self.progress and self.dist.is_main),
+                   desc="training", unit="step", dynamic_ncols=True)
+        stopped, mfu, rate = "max_iters", None, 0.0
+        self.model.train()
+        batch = self.batches.train_batch(self.device)
+        try:
+            with interrupts_as_keyboard_interrupt():
+                while True:
+                    lr = lr_at(min(s.iteration, cfg.max_iters - 1), cfg)
+                    due = s.iteration % cfg.eval_interval == 0 or s.iteration >= cfg.max_iters
+                    if due and not (s.history and s.history[-1]["iter"] == s.iteration):
+                        if self._eval_and_decide(lr, bar):
+                            stopped = "early_stopping"
+                            break
+                    if s.iteration >= cfg.max_iters:
+                        break
+                    t0 = time.perf_counter()
+                    loss, batch = self._step(lr, batch)
+                    dt = time.perf_counter() - t0
+                    s.iteration += 1
+                    s.tokens += tokens_per_step
+                    s.train_seconds += dt
+                    rate = tokens_per_step / dt
+                    postfix = {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}", "lr": f"{lr:.2e}"}
+                    if self.peak_flops and s.iteration > 1:
+                        mfu = self.model.estimate_mfu(tokens_per_step // self.dist.world_size, dt, self.peak_flops)
+                        postfix["mfu"] = f"{100 * mfu:.1f}%"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        finally:
+            bar.close()
+        avg_rate = s.tokens / s.train_seconds if s.train_seconds else 0.0
+        if stopped == "interrupted" and self.on_eval and self.dist.is_main:
+            with deferred_interrupts():
+                self.on_eval(self.model, self.optimizer, s)
+        return LoopResult(s, stopped, time.time() - started, avg_rate, mfu)
+
+
+def set_dropout(model: GPT, p: float) -> None:
+    """Training dropout for a model built with another value (checkpoints are saved with theirs)."""
+    model.config.dropout = p  # attention reads it from the config
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
+def save_training_state(path: str | Path, model: GPT, optimizer: torch.optim.Optimizer, state: LoopState) -> None:
+    """Weights, optimizer and progress for --resume, written atomically (tensors and plain data only)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": asdict(state)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_training_state(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _log(bar, message: str) -> None:
+    if bar.disable:
+        print(message, flush=True)
+    else:
+        bar.write(message)
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+@contextlib.contextmanager
+def interrupts_as_keyboard_interrupt():
+    """SIGTERM (what torchrun and schedulers send) stops the run like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold Ctrl-C/SIGTERM until the block ends (a save finishes), then raise KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt

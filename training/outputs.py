@@ -1,0 +1,112 @@
+"""What a training run writes: the best checkpoint, its meta.json and loss curve, and the --resume state.
+
+    outputs = RunOutputs(out_dir, tokenizer, meta={"base": ..., "data": ...})
+    trainer = Trainer(..., on_best=outputs.save_best, on_eval=outputs.save_state)
+    outputs.finish(result)
+
+`out_dir` is a native checkpoint (gpt.checkpoint.save_checkpoint: atomic, so a crash mid-save leaves the
+previous best in place) plus `loss_curve.png`. Run files that are not part of the checkpoint, the prepared
+data and the resume state, live in the sibling `<out_dir>.train/`, because each atomic save replaces the
+checkpoint directory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from gpt.checkpoint import save_checkpoint
+from gpt.model import GPT
+from gpt.tokenizer import Tokenizer
+from training.loop import LoopResult, LoopState, save_training_state
+
+LOSS_CURVE = "loss_curve.png"
+STATE = "state.pt"
+
+
+def work_dir_for(out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".train")
+
+
+class RunOutputs:
+    def __init__(self, out_dir: str | Path, tokenizer: Tokenizer, meta: dict):
+        self.out_dir = Path(out_dir)
+        self.work_dir = work_dir_for(self.out_dir)
+        self.tokenizer = tokenizer
+        self.meta = dict(meta)
+        self.started = time.time()
+
+    @property
+    def state_path(self) -> Path:
+        return self.work_dir / STATE
+
+    def _meta(self, state: LoopState) -> dict:
+        last = state.history[-1] if state.history else {}
+        return {**self.meta, "iterations": state.iteration, "best_iter": state.best_iter,
+                "best_val_loss": state.best_val_loss, "train_loss": last.get("train_loss"),
+                "val_loss": last.get("val_loss"), "time_s": round(time.time() - self.started, 2),
+                "tokens": state.tokens, "history": state.history, "created": time.time()}
+
+    def save_best(self, model: GPT, state: LoopState) -> None:
+        """The lowest-val-loss weights so far, atomically replacing the previous best."""
+        dropout = model.config.dropout
+        model.config.dropout = 0.0  # inference needs none; a later fine-tune sets its own
+        try:
+            save_checkpoint(model, self.out_dir, self.tokenizer, self._meta(state))
+        finally:
+            model.config.dropout = dropout
+        plot_losses(state.history, self.out_dir / LOSS_CURVE, state.best_iter)
+
+    def save_state(self, model: GPT, optimizer, state: LoopState) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        save_training_state(self.state_path, model, optimizer, state)
+
+    def finish(self, result: LoopResult) -> dict:
+        """Record how the run ended in the checkpoint's meta.json (atomically) and redraw the curve."""
+        meta_path = self.out_dir / "meta.json"
+        if not meta_path.is_file():
+            return {}
+        meta = json.loads(meta_path.read_text())
+        state = result.state
+        meta.update({"iterations": state.iteration, "stopped": result.stopped, "time_s": round(result.elapsed, 2),
+                     "tokens": state.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
+                     "history": state.history, "best_val_loss": state.best_val_loss, "best_iter": state.best_iter})
+        if result.mfu is not None:
+            meta["mfu"] = round(result.mfu, 4)
+        if state.history:
+            meta["final_train_loss"] = state.history[-1]["train_loss"]
+            meta["final_val_loss"] = state.history[-1]["val_loss"]
+        tmp = meta_path.with_name(f".meta.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, meta_path)
+        plot_losses(state.history, self.out_dir / LOSS_CURVE, state.best_iter)
+        return meta
+
+
+def plot_losses(history: list[dict], path: Path, best_iter: int | None = None) -> None:
+    """Train and val loss against iterations, the best point marked; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed (servers, tests)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    iters = [h["iter"] for h in history]
+    ax.plot(iters, [h["train_loss"] for h in history], marker="o", ms=3, label="train")
+    ax.plot(iters, [h["val_loss"] for h in history], marker="o", ms=3, label="val")
+    best = [h for h in history if h["iter"] == best_iter]
+    if best:
+        ax.scatter([best_iter], [best[0]["val_loss"]], s=80, facecolors="none", edgecolors="red",
+                   label=f"best (iter {best_iter})", zorder=3)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (target tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
