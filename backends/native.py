@@ -36,12 +36,6 @@ class _Loaded:
     meta: dict
 
 
-def chat_format_of(tokenizer: Tokenizer) -> ChatFormat:
-    """The chat format a tokenizer implies: its chat template if it has one, else the plain-text turns."""
-    return ChatFormat(chat_template=tokenizer.chat_template, special_tokens=tuple(tokenizer.special_tokens),
-                      bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
-
-
 class NativeBackend(ChatBackend):
     def __init__(self, checkpoint: str = "latest", device: str | None = None, dtype: str | None = None,
                  name: str = "native"):
@@ -66,7 +60,7 @@ class NativeBackend(ChatBackend):
             model, tokenizer, meta = load_checkpoint(path, device=device, dtype=pick_dtype(self.dtype, device))
         except CheckpointError as e:
             raise BackendError(str(e)) from None
-        return _Loaded(Engine(model), tokenizer, chat_format_of(tokenizer), path, meta)
+        return _Loaded(Engine(model), tokenizer, ChatFormat.for_tokenizer(tokenizer), path, meta)
 
     def _model(self) -> _Loaded:
         loaded = self._loaded
