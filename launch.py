@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch.py: {exc}", file=sys.stderr)
         return EXIT_BAD_FLAGS
     service = demo.chat_service
-    service.slots.load_in_background(service.default_backend)  # the page is usable while it loads
     demo.launch(server_name=args.host, server_port=args.port, auth=args.auth, share=args.share,
                 show_error=False, quiet=True, footer_links=["api", "settings"], prevent_thread_lock=True)
+    service.slots.load_in_background(service.default_backend)  # after the server is up: the page never waits
     print(f"nanogpt-chat is running at {demo.local_url} (backend {service.default_backend} is loading in the "
           f"background; chat log {service.log_path}). Press Ctrl-C to stop it.", flush=True)
     if demo.share_url:

@@ -62,7 +62,7 @@ def warm_up(backend: ChatBackend) -> None:
 class ModelSlots:
     def __init__(self, config: dict, factory: Callable[..., ChatBackend] = create_backend):
         self._config = config
-        self._factory = factory
+        self.factory = factory
         self._lock = threading.Lock()
         self._slots = {b["key"]: _Slot(b["key"], b.get("label") or b["key"], b.get("kind", ""))
                        for b in list_backends(config)}
@@ -118,7 +118,7 @@ class ModelSlots:
 
     def _load(self, slot: _Slot) -> None:
         try:
-            backend = self._factory(slot.key, self._config)
+            backend = self.factory(slot.key, self._config)
             warm_up(backend)
         except (BackendError, ValueError, OSError) as exc:
             self._finish(slot, None, f"{slot.label} could not be loaded: {exc}")

@@ -12,6 +12,7 @@ private. Every error a user can cause reaches the page as one sentence (gr.Error
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import gradio as gr
@@ -74,7 +75,9 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
 
         settings = [backend, system_prompt, *controls.inputs]
 
-        def reply(history, state, key, system, *values) -> Iterator[tuple]:
+        stop_requests: dict[str, threading.Event] = {}  # session -> set by the Stop button
+
+        def reply(history, state, key, system, values, session: str) -> Iterator[tuple]:
             """Stream the assistant's answer to the last user message of `history`."""
             prior, text = history[:-1], message_text(history[-1]["content"])
             try:
@@ -83,30 +86,40 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
                 raise user_error(exc) from None
             state = dict(state or {})
             state.setdefault("conversation_id", new_conversation_id())
+            stop = stop_requests.setdefault(session, threading.Event())
+            stop.clear()
             if slots.status(key).state != "ready":
                 yield history, state, f"Waiting for {slots.label(key)} to load…", gr.skip()
             shown = [*history, {"role": "assistant", "content": ""}]
+            updates = service.stream(key, _plain(prior), text, cfg, system, state["conversation_id"])
             try:
-                for update, context_length in service.stream(key, _plain(prior), text, cfg, system,
-                                                             state["conversation_id"]):
+                for update, context_length in updates:
                     shown[-1] = {"role": "assistant", "content": update.text}
-                    yield shown, state, context_meter(update.prompt, context_length, cfg.max_new_tokens), \
-                        gr.skip()
+                    meter_text = context_meter(update.prompt, context_length, cfg.max_new_tokens)
+                    if stop.is_set():
+                        # Closing logs exactly this text as the (partial) reply, the text the page shows.
+                        updates.close()
+                        yield shown, state, meter_text + " Stopped.", service.stats_text()
+                        return
+                    yield shown, state, meter_text, gr.skip()
             except (BackendError, ValueError, ChatLogError) as exc:
                 raise user_error(exc) from None
             yield shown, state, gr.skip(), service.stats_text()
 
-        def send(text, history, state, *settings_values):
+        def send(text, history, state, key, system, max_new_tokens, temperature, top_k, top_p,
+                 repetition_penalty, stop, seed, request: gr.Request):
             if not (text or "").strip():
                 gr.Warning("Type a message first.")
                 yield text, history, state, gr.skip(), gr.skip()
                 return
             history = [*(history or []), {"role": "user", "content": text}]
             yield "", history, state, gr.skip(), gr.skip()
-            for out in reply(history, state, *settings_values):
+            values = (max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+            for out in reply(history, state, key, system, values, request.session_hash or ""):
                 yield "", *out
 
-        def regenerate(history, state, *settings_values):
+        def regenerate(history, state, key, system, max_new_tokens, temperature, top_k, top_p,
+                       repetition_penalty, stop, seed, request: gr.Request):
             history = list(history or [])
             while history and history[-1].get("role") != "user":
                 history.pop()
@@ -114,7 +127,11 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
                 gr.Warning("There is no message to answer again yet.")
                 yield gr.skip(), state, gr.skip(), gr.skip()
                 return
-            yield from reply(history, state, *settings_values)
+            values = (max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+            yield from reply(history, state, key, system, values, request.session_hash or "")
+
+        def request_stop(request: gr.Request):
+            stop_requests.setdefault(request.session_hash or "", threading.Event()).set()
 
         chat_outputs = [chatbot, conversation, meter, stats]
         common = dict(concurrency_limit=GENERATE_LIMIT, concurrency_id=GENERATE, api_visibility="private")
@@ -125,9 +142,9 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
             trigger(regenerate, [chatbot, conversation, *settings], chat_outputs, **common)
             for trigger in (regenerate_button.click, chatbot.retry)]
         # Stopping closes the reply's generator: the chat loop logs the partial reply, the model stops.
-        stop_button.click(None, None, None, cancels=[*send_events, *regenerate_events],
-                          api_visibility="private").then(service.stats_text, None, stats,
-                                                         api_visibility="private", show_progress="hidden")
+        # Not a Gradio cancel: that can drop the last piece the chat loop already logged. The reply loop
+        # sees the flag at its next piece, logs the partial reply once and shows exactly that text.
+        stop_button.click(request_stop, None, None, queue=False, api_visibility="private")
 
         def clear():
             return [], {"conversation_id": new_conversation_id()}, "Context: nothing sent yet."
@@ -202,6 +219,7 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
 
         def forget(request: gr.Request):
             slots.forget(request.session_hash or "")
+            stop_requests.pop(request.session_hash or "", None)
 
         demo.unload(forget)
         register_api(service)

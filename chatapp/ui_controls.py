@@ -98,7 +98,7 @@ def build_generation_controls(defaults: GenerationConfig, max_tokens: int = 2048
                                    label="Repetition penalty", info="1 = off; above 1 repeats less")
     stop = gr.Textbox(value=stop_text(defaults.stop), lines=2, label="Stop strings",
                       info="one per line; the reply ends before the first one (write \\n for a newline)")
-    seed = gr.Number(value=defaults.seed, precision=0, label="Seed",
+    seed = gr.Number(value=defaults.seed, precision=0, label="Seed", placeholder="random",
                      info="empty = random; the same seed gives the same reply")
     return GenerationControls(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
 

@@ -124,3 +124,60 @@ def test_sessions_in_two_browser_tabs_never_see_each_others_history(app, browser
         chat = page.locator("#chatbot").inner_text()
         assert f"I am the {mine} tab" in chat and f"I am the {theirs} tab" not in chat
     assert len({e["conversation_id"] for e in app.exchanges()}) == 2
+
+
+class SlowStream:
+    """Wraps a real backend so each streamed piece takes a while: long enough to press Stop mid-reply."""
+
+    def __init__(self, backend, delay: float):
+        self._backend, self._delay = backend, delay
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def stream(self, prompt, cfg):
+        pieces = self._backend.stream(prompt, cfg)
+        try:
+            for piece in pieces:
+                time.sleep(self._delay)
+                yield piece
+        finally:
+            pieces.close()
+
+
+def test_stop_keeps_the_partial_reply_regenerate_replaces_it_clear_starts_over(app, browser_page):
+    from backends import create_backend
+
+    app.service.slots.factory = lambda key, config: SlowStream(create_backend(key, config), delay=0.25)
+    page = browser_page
+    page.goto(app.url)
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    page.locator("#message textarea").fill("Tell me a long story")
+    page.locator("#message textarea").press("Enter")
+    bot = page.locator("#chatbot [data-testid='bot']")
+    wait_until(lambda: len(bot.last.inner_text().split()) >= 2 if bot.count() else False,
+               what="the reply to start streaming")
+    page.locator("#stop").click()
+    [stopped] = wait_until(lambda: app.exchanges(), what="the stopped exchange in the log")
+    time.sleep(1.5)  # had it not stopped, several more pieces would arrive now
+    shown = bot.last.inner_text().strip()
+    assert stopped["assistant"] == shown and 0 < len(shown.split()) < 40, stopped["assistant"]
+
+    page.locator("#regenerate").click()
+    wait_until(lambda: len(app.exchanges()) == 2, timeout=90, what="the regenerated exchange")
+    again = app.exchanges()[1]
+    assert (again["user"], again["turn"], again["conversation_id"]) == (
+        "Tell me a long story", 0, stopped["conversation_id"])
+    wait_until(lambda: bot.count() == 1 and bot.last.inner_text().strip() == again["assistant"],
+               what="the new reply in place of the old")
+    assert page.locator("#chatbot [data-testid='user']").count() == 1
+
+    page.locator("#clear").click()
+    wait_until(lambda: bot.count() == 0, what="an empty chat")
+    page.locator("#message textarea").fill("A new start")
+    page.locator("#message textarea").press("Enter")
+    wait_until(lambda: len(app.exchanges()) == 3, timeout=90, what="the exchange after Clear")
+    fresh = app.exchanges()[2]
+    assert fresh["turn"] == 0 and fresh["conversation_id"] != stopped["conversation_id"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-after-clear.png"), full_page=True)
