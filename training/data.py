@@ -5,8 +5,8 @@
 
 Each conversation is rendered by `gpt.chat_format.ChatFormat.training_examples`, the same rendering the
 native backend uses at inference: one example per assistant turn, the prompt with mask 0 and the reply
-plus its end marker with mask 1. Conversations are split 90/10 by a seeded hash of their id, so one
-conversation never lands on both sides and a growing log keeps old conversations where they were.
+plus its end marker with mask 1. Conversations are split about 90/10 by a seeded hash of their id, so one
+conversation never lands on both sides and a conversation once trained on never becomes validation data.
 
 On disk, per split: `<split>.tokens.bin` (uint16 when the vocabulary fits, else uint32), `<split>.mask.bin`
 (uint8) and `<split>.offsets.bin` (int64, example boundaries), and one `manifest.json` written last.
@@ -35,9 +35,8 @@ class DataError(ValueError):
 
 
 def chat_format_for(tokenizer: Tokenizer) -> ChatFormat:
-    """The chat format the native backend builds for this tokenizer (its template, specials, bos/eos)."""
-    return ChatFormat(chat_template=tokenizer.chat_template, special_tokens=tuple(tokenizer.special_tokens),
-                      bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    """The chat format the native backend uses for this tokenizer (its template, specials, bos/eos)."""
+    return ChatFormat.for_tokenizer(tokenizer)
 
 
 def prompt_encoder(fmt: ChatFormat, tokenizer: Tokenizer):
@@ -88,13 +87,22 @@ def select_exchanges(convs: list[Conversation], only_liked: bool = False,
 
 def split_by_conversation(selections: list[Selection], val_fraction: float,
                           seed: int) -> tuple[list[Selection], list[Selection]]:
-    """Hold out about `val_fraction` of the conversations (at least one); needs two or more."""
+    """Hold out the conversations whose seeded hash falls below `val_fraction` (at least one; two or more needed).
+
+    A hash threshold, not a count, decides: as the log grows, a conversation that was trained on never moves
+    to the validation side, so fine-tuning again from a fine-tuned checkpoint is validated on unseen chats.
+    """
     if len(selections) < 2:
         raise DataError("The chat log has only one usable conversation; fine-tuning holds whole conversations "
                         "out for validation, so start at least one more conversation in the app.")
-    ranked = sorted(selections, key=lambda s: hashlib.sha256(
-        f"{seed}:{s.conversation.conversation_id}".encode()).hexdigest())
-    n_val = min(len(ranked) - 1, max(1, round(len(ranked) * val_fraction)))
+
+    def position(s: Selection) -> float:
+        digest = hashlib.sha256(f"{seed}:{s.conversation.conversation_id}".encode()).hexdigest()
+        return int(digest[:15], 16) / 16 ** 15
+
+    ranked = sorted(selections, key=position)
+    n_val = sum(position(s) < val_fraction for s in ranked)
+    n_val = min(len(ranked) - 1, max(1, n_val))  # tiny logs still get a val set, and keep a train set
     return ranked[n_val:], ranked[:n_val]
 
 

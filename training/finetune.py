@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from gpt.checkpoint import (
     resolve_checkpoint,
 )
 from gpt.model import GPT
-from gpt.tokenizer import GPT2Tokenizer, Tokenizer
+from gpt.tokenizer import Tokenizer
 from training.batches import ChatBatches
 from training.config import add_config_flags, load_config, overrides_from_args
 from training.data import load_split, prepare_chat_data, read_manifest
@@ -84,7 +85,8 @@ class BaseModel:
 
 
 def load_base(spec: str) -> BaseModel:
-    """A native checkpoint (or `latest`), else a Hugging Face GPT-2 converted in memory through gpt.convert."""
+    """A native checkpoint (or `latest`); anything else goes through gpt.convert (an HF GPT-2 id or directory,
+    an HF Llama directory, a .gguf file, `bundled`) into a temporary checkpoint first."""
     path = Path(spec)
     if spec == "latest" or is_checkpoint(path):
         try:
@@ -93,19 +95,21 @@ def load_base(spec: str) -> BaseModel:
         except CheckpointError as e:
             raise UsageError(f"The base model could not be loaded: {e}") from None
         return BaseModel(model, tokenizer, str(resolved), resolved)
-    if path.exists() and not (path / "config.json").is_file():
+    if path.exists() and path.is_dir() and not (path / "config.json").is_file():
         raise UsageError(f"--base {spec} is neither a native checkpoint nor a Hugging Face model directory: pass "
                          f"a directory written by gpt.convert or training.finetune, 'latest', or a GPT-2 hub id.")
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise UsageError(f"--base {spec} does not exist: pass a native checkpoint directory, 'latest', or a "
                          f"Hugging Face GPT-2 id or directory.")
-    from gpt.convert import ConvertError, gpt2_from_hf_model, load_hf_gpt2
+    from gpt.convert import ConvertError, convert_to_native
+    from gpt.convert_llama import LlamaImportError
 
     try:
-        model = gpt2_from_hf_model(load_hf_gpt2(spec))
-    except ConvertError as e:
-        raise UsageError(str(e)) from None
-    return BaseModel(model, GPT2Tokenizer(), spec, path.resolve() if path.exists() else None)
+        with tempfile.TemporaryDirectory(prefix="nanogpt-base-") as tmp:
+            model, tokenizer, _ = load_checkpoint(convert_to_native(spec, Path(tmp) / "base"))
+    except (ConvertError, LlamaImportError, FileNotFoundError) as e:
+        raise UsageError(f"The base model could not be loaded: {e}") from None
+    return BaseModel(model, tokenizer, spec, path.resolve() if path.exists() else None)
 
 
 def default_out() -> Path:
