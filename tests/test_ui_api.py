@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 import time
+import urllib.request
 
 import pytest
 from gradio_client import Client
@@ -209,3 +210,18 @@ def test_bundled_smollm2_answers_a_question_through_the_api(tmp_path, backend):
         assert "Paris" in reply, reply
         assert time.perf_counter() - start < 120
         assert [e["backend"] for e in live.exchanges()] == [backend]
+
+
+def test_plain_http_call_as_docs_api_md_shows(app):
+    """The two-request protocol of docs/api.md: POST the inputs, then read the server-sent events."""
+    body = json.dumps({"data": ["Hello!", [], "native", "Be brief.", 8, 0, 0, 1.0, 1.0, None, None]}).encode()
+    request = urllib.request.Request(f"{app.url}/gradio_api/call/chat", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event_id = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{app.url}/gradio_api/call/chat/{event_id}", timeout=60) as response:
+        events = response.read().decode()
+    assert "event: complete" in events
+    final = json.loads(events.split("event: complete")[1].split("data:", 1)[1].strip().splitlines()[0])
+    [exchange] = app.exchanges()
+    assert final == [exchange["assistant"]] and exchange["user"] == "Hello!"
