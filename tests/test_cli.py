@@ -192,3 +192,22 @@ def test_context_note_when_older_messages_are_left_out(console):
     for i in range(4):
         console.handle(f"message number {i} " + "word " * 6)
     assert "older messages left out of the prompt]" in console.out.getvalue()
+
+
+def test_backend_switch_releases_the_old_model_and_keeps_the_conversation(tiny_native_ckpt, tmp_path):
+    config = {"backends": {key: {"label": f"tiny {key}", "kind": "native", "checkpoint": str(tiny_native_ckpt)}
+                           for key in ("first", "second")}}
+    old = create_backend("first", config)
+    console = ConsoleChat(config, "first", old, ChatLog(tmp_path / "log.jsonl"),
+                          GenerationConfig(max_new_tokens=3, temperature=0.0), None, out=io.StringIO())
+    released = []
+    old.release = lambda: released.append(True)
+    console.handle("hi")
+    console.handle("/backend second")
+    assert console.backend_key == "second" and console.backend is not old
+    assert released == [True]  # the old model's memory is freed
+    assert "Now chatting with second" in console.out.getvalue()
+    console.handle("again")
+    first, second = log_lines(console.log.path)
+    assert (first["backend"], second["backend"]) == ("first", "second")
+    assert second["conversation_id"] == first["conversation_id"] and second["turn"] == 1
