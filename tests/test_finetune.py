@@ -1,0 +1,269 @@
+"""`python -m training.finetune` end to end on tiny models: it teaches the log's facts, keeps the best
+checkpoint safely, stops early on a plateau, refuses bad input in one sentence, resumes, runs under torchrun,
+and the app's native backend serves the result after a reload.
+
+Run: .venv/bin/python -m pytest tests/test_finetune.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from training_fixtures import FACTS, fact_log_records, greedy_reply, make_template_checkpoint, write_log
+
+from gpt.checkpoint import is_checkpoint, load_checkpoint
+from training.finetune import main
+
+REPO = Path(__file__).resolve().parents[1]
+# Tiny models gain nothing from threads, and on a busy machine extra threads only wait for each other.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+FAST = ["--lr", "3e-3", "--min-lr", "3e-4", "--warmup-iters", "10", "--eval-iters", "4", "--batch-size", "8",
+        "--block-size", "128", "--no-progress", "--config", str(REPO / "configs" / "finetune.toml")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One fine-tuning run through the CLI with defaults (--base latest, --out under the models dir), and the
+    app's native backend created on the base before it."""
+    from backends import GenerationConfig, create_backend
+
+    root = tmp_path_factory.mktemp("finetune")
+    models = root / "models"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOGPT_CHAT_MODELS", str(models))
+        torch.set_num_threads(1)
+        base = make_template_checkpoint(models / "tiny-base")
+        base_hash = sha256(base / "model.safetensors")
+        before = {q: greedy_reply(base, q) for q, _ in FACTS}
+        backend = create_backend("native", checkpoint="latest", device="cpu", dtype="fp32")
+        cfg = GenerationConfig(max_new_tokens=24, temperature=0, top_k=None, top_p=1.0, repetition_penalty=1.0)
+        backend_before = backend.generate(backend.format_chat([{"role": "user", "content": FACTS[0][0]}]), cfg)
+        log = write_log(root / "chat_history.jsonl", fact_log_records(12), ["{torn line", "[1, 2, 3]"])
+        result = subprocess.run([sys.executable, "-m", "training.finetune", "--history", str(log), "--max-iters", "120",
+                                 "--eval-interval", "20", "--patience", "0", *FAST],
+                                env={**ENV, "NANOGPT_CHAT_MODELS": str(models)}, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr
+        outs = [p for p in models.iterdir() if p.name.startswith("finetuned-") and is_checkpoint(p)]
+        assert len(outs) == 1
+        yield {"base": base, "base_hash": base_hash, "before": before, "out": outs[0], "stdout": result.stdout,
+               "backend": backend, "backend_before": backend_before, "cfg": cfg, "log": log}
+
+
+def test_finetuning_teaches_the_made_up_facts(trained):
+    for question, answer in FACTS:
+        assert answer not in trained["before"][question]
+        assert greedy_reply(trained["out"], question) == answer
+
+
+def test_val_loss_falls_and_meta_records_the_run(trained):
+    meta = json.loads((trained["out"] / "meta.json").read_text())
+    history = meta["history"]
+    assert [h["iter"] for h in history] == list(range(0, 121, 20))
+    assert meta["best_val_loss"] < history[0]["val_loss"] / 10
+    assert meta["best_val_loss"] == min(h["val_loss"] for h in history)
+    assert meta["base"] == str(trained["base"]) and meta["iterations"] == 120 and meta["stopped"] == "max_iters"
+    assert meta["data"]["history"] == str(trained["log"].resolve()) and meta["data"]["exchanges"] == 36
+    assert meta["skipped_lines"] == 2 and meta["time_s"] > 0 and meta["tokens_per_s"] > 0
+    assert (trained["out"] / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_malformed_lines_are_skipped_and_counted_in_the_output(trained):
+    assert "36 exchanges in 12 conversations" in trained["stdout"]
+    assert "2 malformed lines skipped" in trained["stdout"]
+
+
+def test_the_base_checkpoint_is_never_modified(trained):
+    assert sha256(trained["base"] / "model.safetensors") == trained["base_hash"]
+    assert trained["out"].parent == trained["base"].parent  # default --out: models/native/finetuned-<time>
+
+
+def test_the_native_backend_serves_the_new_checkpoint_after_reload(trained):
+    backend, cfg = trained["backend"], trained["cfg"]
+    assert FACTS[0][1] not in trained["backend_before"]
+    assert backend.reload() == trained["out"]  # `latest` now resolves to the fine-tuned checkpoint
+    assert backend.model_name == str(trained["out"])
+    reply = backend.generate(backend.format_chat([{"role": "user", "content": FACTS[0][0]}]), cfg)
+    assert reply.strip() == FACTS[0][1]
+
+
+@pytest.fixture
+def tiny_base(tmp_path):
+    return make_template_checkpoint(tmp_path / "base")
+
+
+@pytest.fixture
+def log(tmp_path):
+    return write_log(tmp_path / "chat_history.jsonl", fact_log_records(6))
+
+
+def test_early_stopping_fires_on_a_plateau(tiny_base, log, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--history", str(log), "--base", str(tiny_base), "--out", str(out), *FAST, "--lr", "1e-9",
+                 "--min-lr", "0", "--max-iters", "200", "--eval-interval", "2", "--patience", "2",
+                 "--min-delta", "0.01"])
+    assert code == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stopped"] == "early_stopping"
+    assert meta["iterations"] == 4 and [h["iter"] for h in meta["history"]] == [0, 2, 4]
+    assert "early stopping" in capsys.readouterr().out
+
+
+def error_of(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-exchanges", "30"], r"has 18 usable exchanges .*at least 30"),
+    (["--history", "{tmp}/missing.jsonl"], "does not exist: chat in the app first"),
+    (["--base", "{tmp}/no-such-model"], "--base .* does not exist"),
+    (["--lr", "-1"], "lr must be a number > 0"),
+    (["--max-iters", "0"], "max-iters must be an integer >= 1"),
+    (["--min-exchanges", "0"], "--min-exchanges must be an integer >= 1"),
+    (["--dtype", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    (["--out", "{base}"], "is the base checkpoint"),
+    (["--resume"], "no run to resume"),
+])
+def test_bad_input_exits_2_with_one_sentence(tiny_base, log, tmp_path, capsys, args, message):
+    args = [a.format(tmp=tmp_path, base=tiny_base) for a in args]
+    argv = ["--history", str(log), "--base", str(tiny_base), "--out", str(tmp_path / "out"), *FAST,
+            "--max-iters", "2", *args]
+    assert main(argv) == 2
+    assert re.search(message, error_of(capsys))
+
+
+def test_an_existing_out_is_never_overwritten(tiny_base, log, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["--history", str(log), "--base", str(tiny_base), "--out", str(out), *FAST]) == 2
+    assert "already exists" in error_of(capsys) and (out / "notes.txt").read_text() == "mine"
+
+
+def test_too_few_exchanges_exits_2_from_the_command_line(tiny_base, tmp_path):
+    small = write_log(tmp_path / "small.jsonl", fact_log_records(2))
+    result = subprocess.run([sys.executable, "-m", "training.finetune", "--history", str(small), "--base",
+                             str(tiny_base), "--out", str(tmp_path / "out")], env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: The chat log") and "at least 10" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+DIE_ON_SECOND_SAVE = """
+import os, signal, sys
+import gpt.checkpoint as checkpoint
+real_save_file, calls = checkpoint.save_file, []
+def save_file_then_die(state, path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) == 2:  # the second best checkpoint: half-write the weights, then die like `kill -9`
+        with open(path, "wb") as f:
+            f.write(b"half a safetensors file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save_file(state, path, *args, **kwargs)
+checkpoint.save_file = save_file_then_die
+from training.finetune import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_while_saving_leaves_the_previous_best_loadable(tiny_base, log, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", DIE_ON_SECOND_SAVE, "--history", str(log), "--base",
+                             str(tiny_base), "--out", str(out), *FAST, "--max-iters", "20", "--eval-interval", "5"],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    model, tokenizer, meta = load_checkpoint(out)  # the iteration-0 best, complete
+    assert meta["best_iter"] == 0 and meta["iterations"] == 0
+    base_model, _, _ = load_checkpoint(tiny_base)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base_model.state_dict().values(),
+                                                 strict=True))
+
+
+def saved_iterations(out: Path) -> int:
+    try:
+        return json.loads((out / "meta.json").read_text())["iterations"]
+    except (OSError, ValueError):  # not written yet, or being replaced right now
+        return -1
+
+
+def wait_for(condition, proc, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the run made no progress in time"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_keeps_the_best_so_far_and_resume_continues(tiny_base, log, tmp_path, capsys):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "training.finetune", "--history", str(log), "--base",
+                             str(tiny_base), "--out", str(out), *FAST, "--max-iters", "100000",
+                             "--eval-interval", "5", "--patience", "0"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: saved_iterations(out) >= 10, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stdout
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stopped"] == "interrupted" and meta["iterations"] >= 10
+    load_checkpoint(out)
+    stopped_at = meta["iterations"]
+
+    assert main(["--out", str(out), "--resume", *FAST, "--max-iters", str(stopped_at + 7), "--eval-interval", "5",
+                 "--patience", "0"]) == 0
+    assert f"resuming at iteration {stopped_at}" in capsys.readouterr().out
+    meta = json.loads((out / "meta.json").read_text())
+    iters = [h["iter"] for h in meta["history"]]
+    assert meta["iterations"] == stopped_at + 7 and meta["stopped"] == "max_iters"
+    assert iters[0] == 0 and iters[-1] == stopped_at + 7 and iters == sorted(set(iters))
+
+
+def test_a_hugging_face_gpt2_directory_works_as_base(tiny_gpt2_hf_dir, log, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--history", str(log), "--base", str(tiny_gpt2_hf_dir), "--out", str(out), *FAST,
+                 "--max-iters", "2", "--eval-interval", "2", "--block-size", "64", "--batch-size", "2"]) == 0
+    model, tokenizer, meta = load_checkpoint(out)
+    assert tokenizer.name == "gpt2" and meta["base"] == str(tiny_gpt2_hf_dir) and meta["iterations"] == 2
+
+
+def test_ddp_under_torchrun_on_two_cpu_processes(tiny_base, log, tmp_path):
+    out = tmp_path / "out"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.finetune",
+                             "--history", str(log), "--base", str(tiny_base), "--out", str(out), *FAST,
+                             "--max-iters", "10", "--eval-interval", "5", "--device", "cpu"],
+                            env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("iter 0: train loss") == 1  # rank 0 alone logs
+    assert "(2 processes)" in result.stdout
+    model, _, meta = load_checkpoint(out)
+    assert meta["iterations"] == 10 and meta["data"]["train_examples"] > 0
+    assert meta["history"][-1]["val_loss"] < meta["history"][0]["val_loss"]
