@@ -10,6 +10,7 @@ Used by backends/hf.py; every failure a user can cause becomes one `BackendError
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -176,8 +177,10 @@ def check_tokenizer(tokenizer, what: str) -> None:
 _GPT2_TOKENIZER_LOCK = threading.Lock()
 
 
+@functools.lru_cache(maxsize=1)
 def offline_gpt2_tokenizer():
-    """GPT-2's tokenizer built from the offline BPE ranks; the converted tokenizer is cached on disk."""
+    """GPT-2's tokenizer built from the offline BPE ranks; cached on disk and shared in this process (every
+    user encodes plain text with the same settings, so sharing it is safe)."""
     from transformers import GPT2TokenizerFast
 
     try:
