@@ -58,7 +58,7 @@ class ChatLog:
 
     def check_writable(self) -> None:
         """Raise ChatLogError now (e.g. at start-up) if appending would fail later."""
-        self._append_line({})  # opens for append, writes nothing
+        self._write(b"")  # opens for append (creating the file), writes nothing
 
     def append_exchange(self, *, user: str, assistant: str, conversation_id: str, turn: int, backend: str,
                         model: str, system_prompt: str | None, config: dict) -> dict:
@@ -107,7 +107,9 @@ class ChatLog:
 
     def _append_line(self, record: dict) -> None:
         # ASCII-only JSON: no raw newline can end up inside a line, and lone surrogates still encode.
-        data = (json.dumps(record, ensure_ascii=True) + "\n").encode("ascii") if record else b""
+        self._write((json.dumps(record, ensure_ascii=True) + "\n").encode("ascii"))
+
+    def _write(self, data: bytes) -> None:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as e:
