@@ -20,7 +20,7 @@ from pathlib import Path
 from backends.base import BackendError, ChatBackend
 from backends.reply import ReplyStream, as_generation_config, check_prompt_fits, emit_until_stop
 from gpt.chat_format import ChatFormat
-from gpt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from gpt.checkpoint import CheckpointError, load_checkpoint, native_models_dir, resolve_checkpoint
 from gpt.device import pick_device, pick_dtype
 from gpt.engine import Engine
 from gpt.sampling import SamplingParams
@@ -36,11 +36,19 @@ class _Loaded:
     meta: dict
 
 
+def _checkpoint_spec(checkpoint) -> str:
+    """`latest`, also when written as a path (models/native/latest, as in the docs) that is not a directory."""
+    path = Path(checkpoint)
+    if path.name == "latest" and not path.exists() and path.parent.resolve() == native_models_dir().resolve():
+        return "latest"
+    return str(checkpoint)
+
+
 class NativeBackend(ChatBackend):
     def __init__(self, checkpoint: str = "latest", device: str | None = None, dtype: str | None = None,
                  name: str = "native"):
         self.name = name
-        self.checkpoint = str(checkpoint)
+        self.checkpoint = _checkpoint_spec(checkpoint)
         self.device = device
         self.dtype = dtype
         self._lock = threading.Lock()

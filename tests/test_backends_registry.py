@@ -134,6 +134,7 @@ def test_native_reload_picks_up_a_newer_latest_checkpoint(tiny_native_ckpt, tmp_
     _copy_checkpoint(tiny_native_ckpt, models / "finetuned", created=2.0)
     assert backend.model_name == str(models / "base")  # a loaded backend keeps its model until reloaded
     assert backend.reload() == models / "finetuned"
+    assert create_backend("native", checkpoint=str(models / "latest")).model_name == str(models / "finetuned")
     assert backend.model_name == str(models / "finetuned")
     prompt = backend.format_chat([{"role": "user", "content": "Hi"}])
     assert backend.generate(prompt, GREEDY) == create_backend("native", checkpoint=str(tiny_native_ckpt)).generate(
