@@ -71,7 +71,8 @@ def _process_writer(path, writer, start_event):
 @pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
 def test_two_processes_append_exactly_the_lines_written_none_torn(tmp_path):
     path = tmp_path / "log.jsonl"
-    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: real separate processes
+    # Separate processes with their own descriptors; fork starts them fast (spawn would re-import torch).
+    ctx = multiprocessing.get_context("fork")
     start = ctx.Event()
     writers = ["proc0", "proc1"]
     procs = [ctx.Process(target=_process_writer, args=(str(path), w, start)) for w in writers]
