@@ -44,8 +44,16 @@ def parse_stop_text(text: str) -> tuple[str, ...]:
 
 
 def _whole(name: str, value) -> int | None:
-    """Sliders and number boxes send floats (5.0); the config wants integers."""
-    if value is None or value == "":
+    """Sliders send floats (5.0) and the seed box text; the config wants integers."""
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or float(value) != int(value):
@@ -76,7 +84,7 @@ class GenerationControls:
     top_p: gr.Slider
     repetition_penalty: gr.Slider
     stop: gr.Textbox
-    seed: gr.Number
+    seed: gr.Textbox
 
     @property
     def inputs(self) -> list:
@@ -98,8 +106,9 @@ def build_generation_controls(defaults: GenerationConfig, max_tokens: int = 2048
                                    label="Repetition penalty", info="1 = off; above 1 repeats less")
     stop = gr.Textbox(value=stop_text(defaults.stop), lines=2, label="Stop strings",
                       info="one per line; the reply ends before the first one (write \\n for a newline)")
-    seed = gr.Number(value=defaults.seed, precision=0, label="Seed", placeholder="random",
-                     info="empty = random; the same seed gives the same reply")
+    # A textbox, not gr.Number: an empty Number shows "0" although it sends null (random).
+    seed = gr.Textbox(value="" if defaults.seed is None else str(defaults.seed), label="Seed",
+                      placeholder="random", info="empty = random; the same seed gives the same reply")
     return GenerationControls(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
 
 

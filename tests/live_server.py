@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 from pathlib import Path
 
 
@@ -87,3 +89,38 @@ class LiveApp:
 
     def feedback(self) -> list[dict]:
         return [r for r in self.log_lines() if r.get("type") == "feedback"]
+
+
+class SlowStream:
+    """Wraps a real backend so each streamed piece takes a while: long enough to press Stop mid-reply."""
+
+    active = 0  # streams running right now, over all instances
+    most_at_once = 0
+    _lock = threading.Lock()
+
+    def __init__(self, backend, delay: float):
+        self._backend, self._delay = backend, delay
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def stream(self, prompt, cfg):
+        pieces = self._backend.stream(prompt, cfg)
+        with SlowStream._lock:
+            SlowStream.active += 1
+            SlowStream.most_at_once = max(SlowStream.most_at_once, SlowStream.active)
+        try:
+            for piece in pieces:
+                time.sleep(self._delay)
+                yield piece
+        finally:
+            pieces.close()
+            with SlowStream._lock:
+                SlowStream.active -= 1
+
+    @classmethod
+    def factory(cls, delay: float):
+        """A ModelSlots factory building the configured backend, slowed down."""
+        from backends import create_backend
+
+        return lambda key, config: cls(create_backend(key, config), delay)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from live_server import LiveApp, write_tiny_config
+from live_server import LiveApp, SlowStream, write_tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -126,29 +126,8 @@ def test_sessions_in_two_browser_tabs_never_see_each_others_history(app, browser
     assert len({e["conversation_id"] for e in app.exchanges()}) == 2
 
 
-class SlowStream:
-    """Wraps a real backend so each streamed piece takes a while: long enough to press Stop mid-reply."""
-
-    def __init__(self, backend, delay: float):
-        self._backend, self._delay = backend, delay
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    def stream(self, prompt, cfg):
-        pieces = self._backend.stream(prompt, cfg)
-        try:
-            for piece in pieces:
-                time.sleep(self._delay)
-                yield piece
-        finally:
-            pieces.close()
-
-
 def test_stop_keeps_the_partial_reply_regenerate_replaces_it_clear_starts_over(app, browser_page):
-    from backends import create_backend
-
-    app.service.slots.factory = lambda key, config: SlowStream(create_backend(key, config), delay=0.25)
+    app.service.slots.factory = SlowStream.factory(delay=0.25)
     page = browser_page
     page.goto(app.url)
     page.wait_for_selector("#message textarea", timeout=30_000)

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from live_server import LiveApp, write_tiny_config
+from live_server import LiveApp, SlowStream, write_tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,18 @@ def test_stats_counts_exchanges_and_feedback(tmp_path, tiny_native_ckpt, tiny_gp
         assert stats["ready_for_finetune"] is True and stats["ready_threshold"] == 3
 
 
-def test_eight_concurrent_clients_each_get_their_own_reply_logged_exactly_once(app):
+def test_eight_concurrent_clients_each_get_their_own_reply_logged_exactly_once(tmp_path, tiny_native_ckpt,
+                                                                             tiny_gpt2_hf_dir):
+    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir)
+    with LiveApp(config, tmp_path / "log.jsonl") as app:
+        # Slowed pieces make the replies overlap in time, so the test sees whether they run at once.
+        app.service.slots.factory = SlowStream.factory(delay=0.1)
+        SlowStream.most_at_once = 0
+        _eight_clients(app)
+        assert SlowStream.most_at_once >= 4  # the queue runs several replies at once, not one by one
+
+
+def _eight_clients(app):
     results: dict[int, str] = {}
     errors = []
 

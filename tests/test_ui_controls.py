@@ -29,6 +29,8 @@ def test_slider_floats_become_the_integers_the_config_wants():
                                    repetition_penalty=1.2, stop=("\n\n",), seed=7)
     assert generation_config(8, 0, 0, 1.0, 1.0, "", None).top_k is None  # 0 turns top-k off
     assert generation_config(8, 0, 0, 1.0, 1.0, ["a"], None).stop == ("a",)  # the API passes a list
+    assert generation_config(8, 0, 0, 1.0, 1.0, "", " 42 ").seed == 42  # the seed box is text
+    assert generation_config(8, 0, 0, 1.0, 1.0, "", "").seed is None  # empty means random
 
 
 @pytest.mark.parametrize("values, field", [
@@ -38,6 +40,7 @@ def test_slider_floats_become_the_integers_the_config_wants():
     ((8, 0.7, 50, 0.0, 1.1, "", None), "top_p"),
     ((8, 0.7, 50, 0.9, 0.0, "", None), "repetition_penalty"),
     ((8, 0.7, 50, 0.9, 1.1, "", 1.5), "seed"),
+    ((8, 0.7, 50, 0.9, 1.1, "", "abc"), "seed must be a whole number"),
     ((None, 0.7, 50, 0.9, 1.1, "", None), "max_new_tokens"),
 ])
 def test_bad_settings_raise_a_sentence_naming_the_field(values, field):
