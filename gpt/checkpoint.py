@@ -137,11 +137,12 @@ def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         config = json.loads((path / "config.json").read_text())
         meta = json.loads((path / "meta.json").read_text())
-        model = GPT(GPTConfig.from_dict(config["model"]))
+        with torch.device("meta"):  # no random init of weights that are overwritten at once
+            model = GPT(GPTConfig.from_dict(config["model"]))
         state = load_file(str(path / "model.safetensors"))
         if model.config.tie_embeddings:
             state["lm_head.weight"] = state["transformer.wte.weight"]
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
         tokenizer = load_tokenizer(config.get("tokenizer", "gpt2"), base_dir=path)
     except AssetMissing:  # not the checkpoint's fault: its message says how to fetch the tokenizer
         raise

@@ -47,6 +47,7 @@ def test_save_then_load_round_trips_weights_config_and_meta(tmp_path, tokenizer)
     assert same_weights(model, loaded) and loaded.config == model.config
     assert meta["iterations"] == 3 and meta["path"] == str(tmp_path / "ck") and "created" in meta
     assert tok.name == "gpt2" and not loaded.training
+    assert all(p.requires_grad for p in loaded.parameters())  # ready to fine-tune
 
 
 def test_tied_checkpoint_stores_the_embedding_once_and_reloads_tied(tmp_path, tokenizer):

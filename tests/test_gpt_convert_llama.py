@@ -143,3 +143,22 @@ def test_llama_with_unsupported_rope_scaling_is_refused_in_one_sentence(tmp_path
     err = capsys.readouterr().err
     assert "'linear' rope scaling" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_bundled_without_the_asset_says_how_to_fetch_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOGPT_CHAT_ASSETS", str(tmp_path / "no-assets"))
+    assert main(["bundled", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf is not in" in err and "make setup" in err and len(err.splitlines()) == 1
+
+
+def test_sources_are_routed_to_the_llama_importer_by_form(tmp_path):
+    from gpt.convert_llama import is_llama_source
+
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    assert is_llama_source("bundled") and is_llama_source("x/Model.Q8_0.GGUF")
+    assert is_llama_source(str(tmp_path / "llama"))
+    assert not is_llama_source(str(tmp_path / "gpt2")) and not is_llama_source("gpt2")
