@@ -17,15 +17,19 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from backends import BackendError
+from backends import BackendError, GenerationConfig
 from chatapp.chat import new_conversation_id
 from chatapp.history import ChatLogError
 from chatapp.ui_api import register_api
 from chatapp.ui_controls import build_generation_controls, context_meter, generation_config
-from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService, user_error
+from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService
 from gpt.chat_format import message_text
 
 STATUS_POLL_S = 0.5  # how often a loading status line refreshes
+
+
+class ReplyRefused(Exception):
+    """A reply could not be made for a reason the user can fix; the message says what to do."""
 
 def turn_of(history: list[dict], index: int) -> int:
     """The exchange number (0-based) that message `index` of a Chatbot history belongs to."""
@@ -77,13 +81,13 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
 
         stop_requests: dict[str, threading.Event] = {}  # session -> set by the Stop button
 
-        def reply(history, state, key, system, values, session: str) -> Iterator[tuple]:
-            """Stream the assistant's answer to the last user message of `history`."""
+        def reply(history, state, key, system, cfg, session: str) -> Iterator[tuple]:
+            """Stream the assistant's answer to the last user message of `history`.
+
+            A user-caused failure raises ReplyRefused with its sentence; the caller shows it as a warning
+            and restores the page (gr.Error would stamp "Error" over every output, the chat included).
+            """
             prior, text = history[:-1], message_text(history[-1]["content"])
-            try:
-                cfg = generation_config(*values)
-            except ValueError as exc:
-                raise user_error(exc) from None
             state = dict(state or {})
             state.setdefault("conversation_id", new_conversation_id())
             stop = stop_requests.setdefault(session, threading.Event())
@@ -103,32 +107,49 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
                         return
                     yield shown, state, meter_text, gr.skip()
             except (BackendError, ValueError, ChatLogError) as exc:
-                raise user_error(exc) from None
+                raise ReplyRefused(str(exc)) from None
             yield shown, state, gr.skip(), service.stats_text()
+
+        def settings_config(values) -> GenerationConfig | None:
+            try:
+                return generation_config(*values)
+            except ValueError as exc:
+                gr.Warning(f"Check the generation settings: {exc}.")
+                return None
 
         def send(text, history, state, key, system, max_new_tokens, temperature, top_k, top_p,
                  repetition_penalty, stop, seed, request: gr.Request):
-            if not (text or "").strip():
-                gr.Warning("Type a message first.")
-                yield text, history, state, gr.skip(), gr.skip()
+            cfg = settings_config((max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed))
+            if not (text or "").strip() or cfg is None:
+                if cfg is not None:
+                    gr.Warning("Type a message first.")
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
-            history = [*(history or []), {"role": "user", "content": text}]
+            before = list(history or [])
+            history = [*before, {"role": "user", "content": text}]
             yield "", history, state, gr.skip(), gr.skip()
-            values = (max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
-            for out in reply(history, state, key, system, values, request.session_hash or ""):
-                yield "", *out
+            try:
+                for out in reply(history, state, key, system, cfg, request.session_hash or ""):
+                    yield "", *out
+            except ReplyRefused as exc:
+                gr.Warning(str(exc))
+                yield text, before, gr.skip(), gr.skip(), gr.skip()  # as it was: fix it and send again
 
         def regenerate(history, state, key, system, max_new_tokens, temperature, top_k, top_p,
                        repetition_penalty, stop, seed, request: gr.Request):
+            cfg = settings_config((max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed))
             history = list(history or [])
             while history and history[-1].get("role") != "user":
                 history.pop()
-            if not history:
-                gr.Warning("There is no message to answer again yet.")
-                yield gr.skip(), state, gr.skip(), gr.skip()
+            if not history or cfg is None:
+                if cfg is not None:
+                    gr.Warning("There is no message to answer again yet.")
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
-            values = (max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
-            yield from reply(history, state, key, system, values, request.session_hash or "")
+            try:
+                yield from reply(history, state, key, system, cfg, request.session_hash or "")
+            except ReplyRefused as exc:
+                gr.Warning(str(exc))
 
         def request_stop(request: gr.Request):
             stop_requests.setdefault(request.session_hash or "", threading.Event()).set()
@@ -163,7 +184,8 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
             try:
                 service.log.append_feedback(conversation_id=cid, turn=turn_of(history, index), rating=rating)
             except ChatLogError as exc:
-                raise user_error(exc) from None
+                gr.Warning(str(exc))
+                return gr.skip()
             return service.stats_text()
 
         chatbot.like(feedback, [chatbot, conversation], stats, api_visibility="private")
@@ -184,7 +206,8 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
                     service.log.append_feedback(conversation_id=cid, turn=turn_of(history, index),
                                                 rating=None, edited=new_text)
                 except ChatLogError as exc:
-                    raise user_error(exc) from None
+                    gr.Warning(f"The edit is shown but was not saved: {exc}")
+                    return history, gr.skip()
             return history, service.stats_text()
 
         chatbot.edit(edit, [chatbot, conversation], [chatbot, stats], api_visibility="private")
@@ -199,7 +222,8 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
             try:
                 slots.choose(request.session_hash or "", key)
             except BackendError as exc:
-                raise user_error(exc) from None
+                gr.Warning(str(exc))
+                return
             yield from watch(key)
 
         def reload_native(key):

@@ -160,3 +160,61 @@ def test_stop_keeps_the_partial_reply_regenerate_replaces_it_clear_starts_over(a
     assert fresh["turn"] == 0 and fresh["conversation_id"] != stopped["conversation_id"]
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-after-clear.png"), full_page=True)
+
+
+def test_reload_button_serves_a_new_checkpoint_and_errors_read_as_sentences(tmp_path, monkeypatch, browser_page,
+                                                                            tiny_native_ckpt, tiny_gpt2_hf_dir):
+    import json
+
+    def copy_checkpoint(name: str, created: float):
+        shutil.copytree(tiny_native_ckpt, models / name)
+        meta = json.loads((models / name / "meta.json").read_text())
+        (models / name / "meta.json").write_text(json.dumps({**meta, "created": created}))
+
+    models = tmp_path / "models"
+    copy_checkpoint("base", 1000.0)
+    monkeypatch.setenv("NANOGPT_CHAT_MODELS", str(models))
+    config = write_tiny_config(tmp_path, "latest", tiny_gpt2_hf_dir)
+    page = browser_page
+    with LiveApp(config, tmp_path / "log.jsonl") as app:
+        page.goto(app.url)
+        page.wait_for_selector("#message textarea", timeout=30_000)
+        status = page.locator("#status")
+        wait_until(lambda: "base" in status.inner_text(), what="the base checkpoint to be served")
+
+        copy_checkpoint("finetuned", 2000.0)  # what `python -m training.finetune` leaves behind
+        page.locator("#reload-native").click()
+        wait_until(lambda: "finetuned" in status.inner_text(), what="the new checkpoint to be served")
+        page.locator("#message textarea").fill("Hi")
+        page.locator("#message textarea").press("Enter")
+        wait_until(lambda: app.exchanges(), what="an exchange")
+        assert app.exchanges()[0]["model"].endswith("finetuned")
+
+        # A user message cannot be edited (only replies are training targets): a warning, then the original.
+        wait_until(lambda: page.locator("#chatbot [data-testid='bot']").count() == 1, what="the reply")
+        page.locator("#chatbot button[aria-label='Edit']").first.click()
+        page.locator("#chatbot textarea.edit-textarea").fill("Something else")
+        page.locator("#chatbot button[aria-label='Submit']").click()
+        wait_until(lambda: "Only the assistant's replies can be edited" in page.content(), what="the warning")
+        wait_until(lambda: page.locator("#chatbot [data-testid='user']").first.inner_text().strip() == "Hi",
+                   what="the user message restored")
+        assert app.feedback() == []
+
+        # Settings that cannot work are refused with a sentence, never a traceback.
+        page.get_by_text("Generation settings").click()
+        page.get_by_label("Seed").fill("not a number")
+        page.locator("#message textarea").fill("Again")
+        page.locator("#message textarea").press("Enter")
+        wait_until(lambda: "Check the generation settings: seed must be a whole number" in page.content(),
+                   what="the warning sentence")
+        assert "Traceback" not in page.content() and len(app.exchanges()) == 1
+        # Nothing is lost: the chat stays as it was and the message waits in the box to be sent again.
+        assert page.locator("#message textarea").input_value() == "Again"
+        assert page.locator("#chatbot [data-testid='user']").count() == 1
+
+        page.locator("#backend input").click()
+        page.get_by_role("option", name=HF_LABEL).click()
+        page.locator("#reload-native").click()
+        wait_until(lambda: "is not a native checkpoint" in page.content(), what="the reload warning")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser-errors.png"), full_page=True)
