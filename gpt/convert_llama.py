@@ -128,9 +128,11 @@ def native_state_to_llama(model: GPT) -> dict[str, torch.Tensor]:
 def llama_from_hf_model(hf_model) -> GPT:
     """A native GPT with the weights of a transformers LlamaForCausalLM (fp32)."""
     cfg = llama_config_from_hf(hf_model.config)
-    model = GPT(cfg)
-    state = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
-    model.load_state_dict(llama_state_to_native(state, cfg), strict=True)
+    with torch.device("meta"):  # no random init: every weight is assigned below
+        model = GPT(cfg)
+    # clone: the native model must never share storage with (and so silently edit) the transformers one
+    state = {k: v.detach().float().clone() for k, v in hf_model.state_dict().items()}
+    model.load_state_dict(llama_state_to_native(state, cfg), strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     return model.eval()
@@ -189,8 +191,9 @@ def load_hf_llama(source: str):
     return model.eval(), tokenizer
 
 
-def export_tokenizer(hf_tokenizer, directory: Path) -> Path:
-    """Write tokenizer.json and a tokenizer_config.json that carries the chat template, bos and eos."""
+def export_tokenizer(hf_tokenizer, directory: Path, max_length: int | None = None) -> Path:
+    """Write tokenizer.json and a tokenizer_config.json that carries the chat template, bos and eos
+    (and `max_length`, the model's context, as model_max_length)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_tokenizer.save_pretrained(str(directory))
@@ -199,8 +202,11 @@ def export_tokenizer(hf_tokenizer, directory: Path) -> Path:
                                "needs one: convert it with transformers first.")
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    for key in ("is_local", "local_files_only"):  # facts about this machine's load, not about the tokenizer
+    for key in ("is_local", "local_files_only", "backend"):  # facts about this load, not about the tokenizer
         config.pop(key, None)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # the portable name for "a tokenizer.json"
+    if max_length:
+        config["model_max_length"] = max_length
     template = getattr(hf_tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         config["chat_template"] = template
@@ -222,7 +228,7 @@ def convert_llama_to_native(source: str, out, meta: dict | None = None) -> Path:
     model = llama_from_hf_model(hf_model)
     del hf_model
     with tempfile.TemporaryDirectory(prefix="nanogpt-tokenizer-") as tmp:
-        tokenizer = HFTokenizer(export_tokenizer(hf_tokenizer, Path(tmp)))
+        tokenizer = HFTokenizer(export_tokenizer(hf_tokenizer, Path(tmp), model.config.block_size))
         if tokenizer.vocab_size > model.config.vocab_size:
             raise LlamaImportError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                                    f"{model.config.vocab_size}; the model and tokenizer do not belong together.")

@@ -111,6 +111,7 @@ def test_tokenizer_and_chat_template_travel_with_the_checkpoint(llama_pair):
     assert isinstance(tokenizer, HFTokenizer)
     config = json.loads((root / "native" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == CHATML and config["eos_token"] == "<|im_end|>"
+    assert config["model_max_length"] == 256 and config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert tokenizer.eot_id == hf_tok.eos_token_id and tokenizer.eot_id in tokenizer.stop_ids
     messages = [{"role": "user", "content": "Héllo wörld"}]
     rendered = ChatFormat.for_tokenizer(tokenizer).render(messages)
