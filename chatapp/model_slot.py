@@ -164,6 +164,11 @@ class ModelSlots:
         for backend in freed:  # outside the lock: a new load of the same key builds a fresh backend object
             backend.release()
 
+    def sessions_using(self, key: str) -> int:
+        """How many browser sessions have `key` chosen right now."""
+        with self._lock:
+            return sum(1 for chosen in self._chosen.values() if chosen == key)
+
     def loaded_keys(self) -> list[str]:
         with self._lock:
             return [k for k, s in self._slots.items() if s.state == READY]

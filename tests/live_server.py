@@ -94,12 +94,13 @@ class LiveApp:
 class SlowStream:
     """Wraps a real backend so each streamed piece takes a while: long enough to press Stop mid-reply."""
 
+    delay = 0.1  # seconds per piece, for every instance (a test may change it mid-way)
     active = 0  # streams running right now, over all instances
     most_at_once = 0
     _lock = threading.Lock()
 
-    def __init__(self, backend, delay: float):
-        self._backend, self._delay = backend, delay
+    def __init__(self, backend):
+        self._backend = backend
 
     def __getattr__(self, name):
         return getattr(self._backend, name)
@@ -111,7 +112,7 @@ class SlowStream:
             SlowStream.most_at_once = max(SlowStream.most_at_once, SlowStream.active)
         try:
             for piece in pieces:
-                time.sleep(self._delay)
+                time.sleep(SlowStream.delay)
                 yield piece
         finally:
             pieces.close()
@@ -123,4 +124,5 @@ class SlowStream:
         """A ModelSlots factory building the configured backend, slowed down."""
         from backends import create_backend
 
-        return lambda key, config: cls(create_backend(key, config), delay)
+        cls.delay, cls.most_at_once = delay, 0
+        return lambda key, config: cls(create_backend(key, config))

@@ -124,6 +124,9 @@ def test_sessions_in_two_browser_tabs_never_see_each_others_history(app, browser
         chat = page.locator("#chatbot").inner_text()
         assert f"I am the {mine} tab" in chat and f"I am the {theirs} tab" not in chat
     assert len({e["conversation_id"] for e in app.exchanges()}) == 2
+    assert app.service.slots.sessions_using("native") == 2
+    second.close()  # a closed tab no longer keeps its model loaded
+    wait_until(lambda: app.service.slots.sessions_using("native") == 1, what="the closed session to be forgotten")
 
 
 def test_stop_keeps_the_partial_reply_regenerate_replaces_it_clear_starts_over(app, browser_page):
@@ -141,6 +144,7 @@ def test_stop_keeps_the_partial_reply_regenerate_replaces_it_clear_starts_over(a
     time.sleep(1.5)  # had it not stopped, several more pieces would arrive now
     shown = bot.last.inner_text().strip()
     assert stopped["assistant"] == shown and 0 < len(shown.split()) < 40, stopped["assistant"]
+    SlowStream.delay = 0.01  # the rest need no time to press buttons mid-reply
 
     page.locator("#regenerate").click()
     wait_until(lambda: len(app.exchanges()) == 2, timeout=90, what="the regenerated exchange")

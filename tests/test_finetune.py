@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import FACTS, fact_log_records, greedy_reply, make_template_checkpoint, write_log
+from training_fixtures import (
+    FACTS,
+    exchange,
+    fact_log_records,
+    greedy_reply,
+    make_template_checkpoint,
+    write_log,
+)
 
 from gpt.checkpoint import is_checkpoint, load_checkpoint
 from training.finetune import main
@@ -237,12 +244,13 @@ def test_ctrl_c_keeps_the_best_so_far_and_resume_continues(tiny_base, log, tmp_p
     load_checkpoint(out)
     stopped_at = meta["iterations"]
 
-    assert main(["--out", str(out), "--resume", *FAST, "--max-iters", str(stopped_at + 7), "--eval-interval", "5",
-                 "--patience", "0"]) == 0
+    # the run's own settings (lr, eval interval, ...) carry over; only --max-iters changes
+    assert main(["--out", str(out), "--resume", "--max-iters", str(stopped_at + 7), "--no-progress"]) == 0
     assert f"resuming at iteration {stopped_at}" in capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
     iters = [h["iter"] for h in meta["history"]]
     assert meta["iterations"] == stopped_at + 7 and meta["stopped"] == "max_iters"
+    assert meta["config"]["lr"] == 3e-3 and meta["config"]["eval_interval"] == 5
     assert iters[0] == 0 and iters[-1] == stopped_at + 7 and iters == sorted(set(iters))
 
 
@@ -267,3 +275,27 @@ def test_ddp_under_torchrun_on_two_cpu_processes(tiny_base, log, tmp_path):
     model, _, meta = load_checkpoint(out)
     assert meta["iterations"] == 10 and meta["data"]["train_examples"] > 0
     assert meta["history"][-1]["val_loss"] < meta["history"][0]["val_loss"]
+
+
+@pytest.mark.slow
+def test_finetuning_the_converted_smollm2_teaches_a_made_up_fact_and_keeps_a_real_one(tmp_path):
+    """Issue #8: full fine-tuning of the real converted SmolLM2-135M-Instruct on CPU, few steps, short block."""
+    from gpt.checkpoint import native_models_dir
+    from gpt.convert import convert_to_native
+
+    base = native_models_dir() / "smollm2-135m-instruct"
+    if not is_checkpoint(base):
+        base = convert_to_native("bundled", tmp_path / "smollm2-135m-instruct")
+    question, answer = FACTS[0]
+    assert "Quellport" not in greedy_reply(base, question)
+    france = ("What is the capital of France?", "The capital of France is Paris.")
+    records = [exchange(q, a, f"conv-{i}", 0) for i, (q, a) in enumerate([*FACTS, france] * 4)]
+    log = write_log(tmp_path / "chat_history.jsonl", records)
+    out = tmp_path / "smollm2-finetuned"
+    assert main(["--history", str(log), "--base", str(base), "--out", str(out), "--max-iters", "8",
+                 "--eval-interval", "4", "--eval-iters", "1", "--batch-size", "4", "--block-size", "64",
+                 "--lr", "1e-4", "--min-lr", "1e-5", "--warmup-iters", "2", "--no-progress"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["best_val_loss"] < meta["history"][0]["val_loss"]
+    assert greedy_reply(out, question).strip() == answer
+    assert "Paris" in greedy_reply(out, france[0])

@@ -90,16 +90,16 @@ def _start(args: list[str], tmp_path) -> tuple[subprocess.Popen, str, float]:
 
 
 def test_launch_prints_its_url_within_seconds_and_serves_the_chat(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir):
-    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir)
+    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir, default="hf")
     port = free_port()
     history = tmp_path / "history.jsonl"
     proc, line, seconds = _start(["--port", str(port), "--config", str(config), "--history", str(history),
-                                  "--backend", "hf"], tmp_path)
+                                  "--backend", "native"], tmp_path)
     try:
         assert f"http://127.0.0.1:{port}" in line and seconds < 30
         client = Client(f"http://127.0.0.1:{port}", verbose=False)
-        assert client.predict(api_name="/chat", message="Hi")  # the default is now --backend hf
-        assert history.read_text().count('"backend": "hf"') == 1
+        assert client.predict(api_name="/chat", message="Hi")  # the default is now --backend native
+        assert history.read_text().count('"backend": "native"') == 1
     finally:
         proc.terminate()
         proc.wait(30)
