@@ -7,7 +7,8 @@
 Each browser session has its own conversation (a gr.State with its conversation id; the Chatbot's value is
 its history); the models are shared by all sessions through ModelSlots. Named API endpoints (/chat, /stats,
 /backends) are defined in chatapp/ui_api.py and documented in docs/api.md; the UI's own event handlers are
-private. Every error a user can cause reaches the page as one sentence (gr.Error / gr.Warning).
+private. Every error a user can cause reaches the page as one sentence in a warning (gr.Warning), leaving
+the conversation and the typed message in place; the API answers with the same sentence as an error.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ STATUS_POLL_S = 0.5  # how often a loading status line refreshes
 class ReplyRefused(Exception):
     """A reply could not be made for a reason the user can fix; the message says what to do."""
 
+
 def turn_of(history: list[dict], index: int) -> int:
     """The exchange number (0-based) that message `index` of a Chatbot history belongs to."""
     return max(0, sum(1 for m in history[: index + 1] if m.get("role") == "user") - 1)
@@ -52,7 +54,8 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
         gr.Markdown("## nanogpt-chat")
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(height=520, editable="all", show_label=False, feedback_options=("Like", "Dislike"),
+                chatbot = gr.Chatbot(height=520, editable="all", show_label=False,
+                                     feedback_options=("Like", "Dislike"),
                                      placeholder="Type a message below; replies stream in here. Rate a reply "
                                                  "with 👍 / 👎, or edit it to teach the model a better answer.",
                                      elem_id="chatbot")
@@ -162,9 +165,9 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
         regenerate_events = [
             trigger(regenerate, [chatbot, conversation, *settings], chat_outputs, **common)
             for trigger in (regenerate_button.click, chatbot.retry)]
-        # Stopping closes the reply's generator: the chat loop logs the partial reply, the model stops.
-        # Not a Gradio cancel: that can drop the last piece the chat loop already logged. The reply loop
-        # sees the flag at its next piece, logs the partial reply once and shows exactly that text.
+        # Stop is a flag, not a Gradio cancel: a cancel can drop the last piece the chat loop already
+        # logged. The reply loop sees the flag at its next piece, closes the stream (the model stops, the
+        # partial reply is logged once) and shows exactly the logged text.
         stop_button.click(request_stop, None, None, queue=False, api_visibility="private")
 
         def clear():
