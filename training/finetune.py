@@ -43,6 +43,7 @@ from training.run import (
     guarded,
     prepare_once,
     same_on_all,
+    saved_config,
     say,
     start_processes,
     train_and_report,
@@ -62,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None,
                         help="checkpoint directory to write (default: models/native/finetuned-<timestamp>); "
                              "must differ from --base")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None,
-                        help="TOML file of hyperparameters (default: configs/finetune.toml)")
+    parser.add_argument("--config", default=None,
+                        help="TOML file of hyperparameters (default: configs/finetune.toml; with --resume: the "
+                             "settings the run started with)")
     parser.add_argument("--only-liked", action="store_true",
                         help="learn only from replies rated 'like' (or edited by the user)")
     parser.add_argument("--exclude-disliked", action="store_true",
@@ -117,7 +119,12 @@ def default_out() -> Path:
 
 
 def finetune(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, overrides_from_args(args))
+    out_arg = Path(args.out) if args.out else None
+    if args.resume and out_arg is not None:
+        cfg = load_config(args.config, overrides_from_args(args), defaults=saved_config(out_arg))
+    else:
+        config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+        cfg = load_config(config, overrides_from_args(args))
     if args.min_exchanges < 1:
         raise UsageError(f"--min-exchanges must be an integer >= 1, got {args.min_exchanges}.")
     dist, device = start_processes(cfg)

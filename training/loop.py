@@ -96,8 +96,8 @@ class LoopResult:
     state: LoopState
     stopped: str  # "max_iters", "early_stopping" or "interrupted"
     elapsed: float
-    tokens_per_s: float
-    mfu: float | None
+    tokens_per_s: float  # steady state: training steps only, warm-up steps left out
+    mfu: float | None  # model FLOPs utilisation at that speed, on GPUs with a known peak
 
 
 class Trainer:
@@ -207,7 +207,8 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * self.dist.world_size
         bar = tqdm(total=cfg.max_iters, initial=s.iteration, disable=not (self.progress and self.dist.is_main),
                    desc="training", unit="step", dynamic_ncols=True)
-        stopped, mfu, rate = "max_iters", None, 0.0
+        stopped, rate = "max_iters", 0.0
+        step_seconds: list[float] = []
         self.model.train()
         batch = self.batches.train_batch(self.device)
         try:
@@ -227,9 +228,10 @@ class Trainer:
                     s.iteration += 1
                     s.tokens += tokens_per_step
                     s.train_seconds += dt
+                    step_seconds.append(dt)
                     rate = tokens_per_step / dt
                     postfix = {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}", "lr": f"{lr:.2e}"}
-                    if self.peak_flops and s.iteration > 1:
+                    if self.peak_flops and len(step_seconds) > 1:
                         mfu = self.model.estimate_mfu(tokens_per_step // self.dist.world_size, dt, self.peak_flops)
                         postfix["mfu"] = f"{100 * mfu:.1f}%"
                     bar.set_postfix(postfix, refresh=False)
@@ -238,7 +240,13 @@ class Trainer:
             stopped = "interrupted"
         finally:
             bar.close()
-        avg_rate = s.tokens / s.train_seconds if s.train_seconds else 0.0
+        # Steady-state speed: the first steps (torch.compile, allocator and kernel warm-up) are left out.
+        steady = step_seconds[min(3, len(step_seconds) // 2):]
+        avg_rate = tokens_per_step * len(steady) / sum(steady) if steady else 0.0
+        mfu = None
+        if self.peak_flops and steady:
+            mfu = self.model.estimate_mfu(tokens_per_step // self.dist.world_size, sum(steady) / len(steady),
+                                          self.peak_flops)
         if stopped == "interrupted" and self.on_eval and self.dist.is_main:
             with deferred_interrupts():
                 self.on_eval(self.model, self.optimizer, s)

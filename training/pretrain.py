@@ -25,7 +25,15 @@ from training.batches import TextBatches
 from training.config import ConfigError, add_config_flags, load_config, overrides_from_args
 from training.data import load_split, prepare_text_data, read_manifest
 from training.outputs import work_dir_for
-from training.run import check_out, guarded, prepare_once, say, start_processes, train_and_report
+from training.run import (
+    check_out,
+    guarded,
+    prepare_once,
+    saved_config,
+    say,
+    start_processes,
+    train_and_report,
+)
 
 # Learning from scratch wants a larger learning rate and some weight decay (nanoGPT's small-model values).
 PRETRAIN_DEFAULTS = {"max_iters": 2000, "batch_size": 12, "block_size": 256, "lr": 1e-3, "min_lr": 1e-4,
@@ -37,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--text", required=True, help="plain UTF-8 text file to learn from")
     parser.add_argument("--out", required=True, help="checkpoint directory to write (must be new unless --resume)")
-    parser.add_argument("--config", default=None, help="TOML file of hyperparameters (keys as in configs/finetune.toml)")
+    parser.add_argument("--config", default=None, help="TOML file of hyperparameters (keys as in configs/finetune.toml; "
+                                                        "with --resume the run's own settings are the defaults)")
     parser.add_argument("--n-layer", type=int, default=6, help="transformer blocks (default: 6)")
     parser.add_argument("--n-head", type=int, default=6, help="attention heads per block (default: 6)")
     parser.add_argument("--n-embd", type=int, default=384, help="embedding width, divisible by --n-head (default: 384)")
@@ -58,7 +67,8 @@ def build_model(args: argparse.Namespace, block_size: int, dropout: float, vocab
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, overrides_from_args(args), defaults=PRETRAIN_DEFAULTS)
+    defaults = {**PRETRAIN_DEFAULTS, **(saved_config(Path(args.out)) if args.resume else {})}
+    cfg = load_config(args.config, overrides_from_args(args), defaults=defaults)
     dist, device = start_processes(cfg)
     out = Path(args.out)
     data_dir = work_dir_for(out) / "data"

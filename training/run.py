@@ -6,6 +6,7 @@ Trainer with RunOutputs, and turning user-caused errors into one sentence and ex
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,14 @@ def check_out(out: Path, resume: bool, base_path: Path | None = None) -> None:
         raise UsageError(f"--out {out} already exists: pass --resume to continue that run, or choose a new --out.")
 
 
+def saved_config(out: Path) -> dict:
+    """The hyperparameters a run in `out` was started with (--resume continues with them unless overridden)."""
+    try:
+        return dict(json.loads((out / "meta.json").read_text()).get("config") or {})
+    except (OSError, ValueError):
+        return {}
+
+
 def prepare_once(dist: Distributed, data_dir: Path, prepare: Callable[[], dict]) -> dict:
     """Rank 0 writes the data files; the others wait, then read its manifest. User errors stop everyone."""
     error = None
@@ -122,7 +131,9 @@ def summary(result: LoopResult, out: Path) -> str:
     if not s.history:
         return f"stopped ({why}) before the first evaluation; nothing was written to {out}."
     first = s.history[0]["val_loss"]
-    lines = [f"stopped after {s.iteration} iterations: {why}; {result.tokens_per_s:,.0f} tokens/s while training.",
+    speed = f"{result.tokens_per_s:,.0f} tokens/s while training" + (
+        f" ({100 * result.mfu:.1f}% MFU)" if result.mfu is not None else "")
+    lines = [f"stopped after {s.iteration} iterations: {why}; {speed}.",
              f"val loss {first:.4f} at iteration {s.history[0]['iter']} -> best {s.best_val_loss:.4f} "
              f"at iteration {s.best_iter}."]
     if s.best_iter == s.history[0]["iter"] and len(s.history) > 1:
