@@ -88,6 +88,16 @@ def test_chat_uses_history_system_prompt_and_every_setting(app, client):
     assert "\n\n" in config["stop"]
 
 
+def test_history_in_gradio_block_format_is_accepted(app, client):
+    """A Chatbot's own value (content as a list of text blocks) can be passed back as history."""
+    blocks = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}]
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    from_blocks = client.predict("Next?", history=blocks, temperature=0, api_name="/chat")
+    assert from_blocks == client.predict("Next?", history=plain, temperature=0, api_name="/chat")
+    assert [e["turn"] for e in app.exchanges()] == [1, 1]
+
+
 def test_same_seed_gives_the_same_reply(client):
     first = client.predict("Pick a word", seed=11, temperature=1.0, api_name="/chat")
     again = client.predict("Pick a word", seed=11, temperature=1.0, api_name="/chat")
