@@ -96,12 +96,19 @@ def test_choose_backend_chat_like_and_edit_in_the_browser(app, browser_page):
     assert [(f["conversation_id"], f["turn"], f["rating"]) for f in feedback] == [
         (exchange["conversation_id"], 0, "like")]
     wait_until(lambda: "1 liked" in page.locator("#stats").inner_text(), what="the stats panel to count it")
+    page.locator("#chatbot button[aria-label='Dislike']").last.click()  # a change of mind: the latest counts
+    wait_until(lambda: len(app.feedback()) == 2, what="the dislike in the chat log")
+    assert app.feedback()[1]["rating"] == "dislike"
+    wait_until(lambda: "0 liked · 1 disliked" in page.locator("#stats").inner_text(), what="the new counts")
+    page.locator("#chatbot button[aria-label='Like']").last.click()
+    wait_until(lambda: "1 liked · 0 disliked" in page.locator("#stats").inner_text(), what="the like again")
 
     # Correct the reply: the edit is a feedback line carrying the better answer.
     page.locator("#chatbot button[aria-label='Edit']").last.click()
     page.locator("#chatbot textarea.edit-textarea").fill("Hello! How can I help?")
     page.locator("#chatbot button[aria-label='Submit']").click()
     edits = wait_until(lambda: [f for f in app.feedback() if f["edited"]], what="the edit in the chat log")
+    assert [f["rating"] for f in app.feedback()] == ["like", "dislike", "like", None]
     assert [(e["turn"], e["rating"], e["edited"]) for e in edits] == [(0, None, "Hello! How can I help?")]
     wait_until(lambda: bot.inner_text().strip() == "Hello! How can I help?", what="the edited reply shown")
 
