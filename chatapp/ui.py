@@ -202,7 +202,7 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
                            "new message to change what you asked.")
                 history[index] = {"role": "user", "content": message_text(data.previous_value)}
                 return history, gr.skip()
-            history[index] = {"role": "assistant", "content": new_text}
+            # The page already shows the edit; sending the history back would reset its 👍 / 👎 marks.
             cid = (state or {}).get("conversation_id")
             if cid:
                 try:
@@ -210,8 +210,8 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
                                                 rating=None, edited=new_text)
                 except ChatLogError as exc:
                     gr.Warning(f"The edit is shown but was not saved: {exc}")
-                    return history, gr.skip()
-            return history, service.stats_text()
+                    return gr.skip(), gr.skip()
+            return gr.skip(), service.stats_text()
 
         chatbot.edit(edit, [chatbot, conversation], [chatbot, stats], api_visibility="private")
 
