@@ -45,6 +45,8 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype on CUDA; weights stay fp32 for the optimizer
     seed: int = 1337
     compile: bool = False
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,10 +75,13 @@ HELP = {
     "dtype": "auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16 or fp16",
     "seed": "random seed for the data split, batches and initialisation",
     "compile": "compile the model with torch.compile (slow start, faster steps on GPU)",
+    "lora_rank": "fine-tune rank-R LoRA adapters of the attention and MLP matrices instead of every weight "
+                 "(0: full fine-tuning; LoRA wants a larger --lr, e.g. 1e-3); checkpoints are saved merged",
+    "lora_alpha": "LoRA scale numerator: updates are scaled by lora_alpha / lora_rank",
 }
 
 _POSITIVE_INTS = ("max_iters", "batch_size", "grad_accum", "block_size", "eval_interval", "eval_iters")
-_NON_NEGATIVE_INTS = ("warmup_iters", "patience")
+_NON_NEGATIVE_INTS = ("warmup_iters", "patience", "lora_rank")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -103,6 +108,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("min_delta", "weight_decay", "grad_clip"):
         if not is_num(getattr(cfg, name)) or getattr(cfg, name) < 0:
             fail(name, "a number >= 0")
+    if not is_num(cfg.lora_alpha) or cfg.lora_alpha <= 0:
+        fail("lora_alpha", "a number > 0")
     if not is_num(cfg.dropout) or not 0 <= cfg.dropout < 1:
         fail("dropout", "a number in [0, 1)")
     for name in ("beta1", "beta2"):

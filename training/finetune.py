@@ -36,6 +36,7 @@ from gpt.tokenizer import Tokenizer
 from training.batches import ChatBatches
 from training.config import add_config_flags, load_config, overrides_from_args
 from training.data import load_split, prepare_chat_data, read_manifest
+from training.lora import apply_lora, merged_copy
 from training.outputs import work_dir_for
 from training.run import (
     UsageError,
@@ -147,11 +148,15 @@ def finetune(args: argparse.Namespace) -> int:
             min_exchanges=args.min_exchanges, val_fraction=cfg.val_fraction, seed=cfg.seed))
         say(dist, describe_data(manifest))
 
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
     cfg.block_size = min(cfg.block_size, model.config.block_size)
     train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
     batches = ChatBatches(train, val, cfg.block_size, cfg.batch_size, pad_id=tokenizer.eot_id, seed=cfg.seed,
                           rank=dist.rank, world_size=dist.world_size)
-    say(dist, f"base {base_source}: {model.get_num_params() / 1e6:.1f}M parameters; training on {device} "
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = f"LoRA rank {cfg.lora_rank}, {trainable / 1e6:.2f}M trainable" if cfg.lora_rank else "full fine-tuning"
+    say(dist, f"base {base_source}: {model.get_num_params() / 1e6:.1f}M parameters ({what}); training on {device} "
               f"({dist.world_size} process{'es' if dist.world_size > 1 else ''}), block {cfg.block_size}, "
               f"batch {cfg.batch_size} x accum {cfg.grad_accum}, lr {cfg.lr:g} -> {cfg.min_lr:g}")
     source = manifest["source"]
@@ -163,7 +168,7 @@ def finetune(args: argparse.Namespace) -> int:
                      **{f"{name}_{key}": manifest["splits"][name][key] for name in ("train", "val")
                         for key in ("examples", "tokens", "target_tokens")}}}
     return train_and_report(model, tokenizer, batches, cfg, out, meta, dist=dist, device=device,
-                            resume=args.resume, progress=not args.no_progress)
+                            resume=args.resume, progress=not args.no_progress, export=merged_copy)
 
 
 def describe_data(manifest: dict) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gpt.checkpoint import save_checkpoint
@@ -32,8 +33,10 @@ def work_dir_for(out_dir: str | Path) -> Path:
 
 
 class RunOutputs:
-    def __init__(self, out_dir: str | Path, tokenizer: Tokenizer, meta: dict):
+    def __init__(self, out_dir: str | Path, tokenizer: Tokenizer, meta: dict,
+                 export: Callable[[GPT], GPT] | None = None):
         self.out_dir = Path(out_dir)
+        self.export = export or (lambda model: model)  # e.g. merge LoRA adapters into plain weights
         self.work_dir = work_dir_for(self.out_dir)
         self.tokenizer = tokenizer
         self.meta = dict(meta)
@@ -55,7 +58,7 @@ class RunOutputs:
         dropout = model.config.dropout
         model.config.dropout = 0.0  # inference needs none; a later fine-tune sets its own
         try:
-            save_checkpoint(model, self.out_dir, self.tokenizer, self._meta(state))
+            save_checkpoint(self.export(model), self.out_dir, self.tokenizer, self._meta(state))
         finally:
             model.config.dropout = dropout
         plot_losses(state.history, self.out_dir / LOSS_CURVE, state.best_iter)

@@ -69,6 +69,8 @@ def build_model(args: argparse.Namespace, block_size: int, dropout: float, vocab
 def pretrain(args: argparse.Namespace) -> int:
     defaults = {**PRETRAIN_DEFAULTS, **(saved_config(Path(args.out)) if args.resume else {})}
     cfg = load_config(args.config, overrides_from_args(args), defaults=defaults)
+    if cfg.lora_rank:
+        raise ConfigError("--lora-rank adapts a trained model; pretraining trains every weight: leave it at 0.")
     dist, device = start_processes(cfg)
     out = Path(args.out)
     data_dir = work_dir_for(out) / "data"

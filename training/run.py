@@ -102,9 +102,10 @@ def prepare_once(dist: Distributed, data_dir: Path, prepare: Callable[[], dict])
 
 
 def train_and_report(model: GPT, tokenizer: Tokenizer, batches, cfg: TrainConfig, out: Path, meta: dict, *,
-                     dist: Distributed, device: torch.device, resume: bool, progress: bool = True) -> int:
+                     dist: Distributed, device: torch.device, resume: bool, progress: bool = True,
+                     export: Callable[[GPT], GPT] | None = None) -> int:
     """Train with early stopping, keep the best in `out`, print how it went; returns the exit status."""
-    outputs = RunOutputs(out, tokenizer, meta)
+    outputs = RunOutputs(out, tokenizer, meta, export)
     trainer = Trainer(model, batches, cfg, device, dist, on_best=outputs.save_best, on_eval=outputs.save_state,
                       progress=progress)
     if resume:
