@@ -2,7 +2,7 @@
 
     python -m gpt.convert gpt2 models/native/gpt2            # HF GPT-2: hub id (cached or online) or a local dir
     python -m gpt.convert bundled models/native/smollm2       # the bundled SmolLM2 GGUF (Llama family)
-    python -m gpt.convert model.gguf OUT                      # any Llama GGUF, or an HF Llama directory
+    python -m gpt.convert model.gguf OUT                      # any Llama GGUF, or an HF Llama dir or hub id
     python -m gpt.convert models/native/gpt2 OUT --to-hf      # native -> GPT2LMHeadModel / LlamaForCausalLM dir
 
 GPT-2 import/export lives here; Llama-family import lives in gpt/convert_llama.py. transformers is imported
@@ -71,38 +71,52 @@ def gpt2_to_hf_model(model: GPT):
     return hf_model.eval()
 
 
+def uncached_hint(source: str) -> str:
+    return (f"Could not load {source!r}: it is not a local directory and not in the Hugging Face cache (this "
+            f"machine may be offline); on a machine with network run `python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{source}')\"` to cache it, or pass a directory "
+            f"written by save_pretrained.")
+
+
+def hf_model_type(source: str) -> str:
+    """The model_type of a local model directory or a hub id (offline: from the cache)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source).model_type
+    except (OSError, ValueError) as e:  # ValueError: neither a directory nor a valid hub id
+        if Path(source).is_dir():
+            raise ConvertError(f"Could not read the model directory {source} ({str(e).splitlines()[0][:200]}); "
+                               f"pass a complete directory written by save_pretrained.") from None
+        raise ConvertError(uncached_hint(source)) from None
+
+
 def load_hf_gpt2(source: str):
     """A GPT2LMHeadModel from a local directory or a hub id; offline and uncached, one clear sentence."""
-    import json
-
     from transformers import GPT2LMHeadModel
 
-    config = Path(source) / "config.json"
-    if config.is_file():
-        model_type = json.loads(config.read_text()).get("model_type")
-        if model_type != "gpt2":
-            raise ConvertError(f"{source} holds a {model_type!r} model; gpt.convert imports GPT-2 and Llama "
-                               f"models only (serve others through the hf backend).")
     try:
-        return GPT2LMHeadModel.from_pretrained(str(source), dtype=torch.float32)
-    except (OSError, ValueError) as e:  # ValueError: not a valid hub id either
+        return GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError) as e:
         if Path(source).is_dir():
             raise ConvertError(f"Could not load the GPT-2 directory {source} ({str(e).splitlines()[0][:200]}); "
                                f"pass a complete directory written by save_pretrained.") from None
-        raise ConvertError(
-            f"Could not load {source!r}: it is not a local directory and not in the Hugging Face cache (this "
-            f"machine may be offline); on a machine with network run `python -c \"from transformers import "
-            f"GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{source}')\"` to cache it, or pass a directory "
-            f"written by save_pretrained.") from None
+        raise ConvertError(uncached_hint(source)) from None
 
 
 def convert_to_native(source: str, out: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
-    """Convert an HF GPT-2 (hub id or directory), `bundled`, a Llama .gguf or an HF Llama directory."""
-    if is_llama_source(str(source)):
-        return convert_llama_to_native(str(source), out)
-    hf_model = load_hf_gpt2(source)
-    model = gpt2_from_hf_model(hf_model)
-    meta = {"source": str(source), "converted_from": "transformers GPT2LMHeadModel", "created": time.time()}
+    """Convert an HF GPT-2 or Llama (hub id or directory), `bundled`, or a Llama .gguf into a native checkpoint."""
+    source = str(source)
+    if is_llama_source(source):
+        return convert_llama_to_native(source, out)
+    model_type = hf_model_type(source)
+    if model_type == "llama":  # a hub id of a Llama model
+        return convert_llama_to_native(source, out)
+    if model_type != "gpt2":
+        raise ConvertError(f"{source} is a {model_type!r} model; gpt.convert imports GPT-2 and Llama models only "
+                           f"(serve others through the hf backend).")
+    model = gpt2_from_hf_model(load_hf_gpt2(source))
+    meta = {"source": source, "converted_from": "transformers GPT2LMHeadModel", "created": time.time()}
     return save_checkpoint(model, out, tokenizer or GPT2Tokenizer(), meta)
 
 
@@ -123,8 +137,8 @@ def convert_to_hf(checkpoint: str, out: str | os.PathLike) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="HF GPT-2 hub id or directory, `bundled` (the bundled SmolLM2 GGUF), a Llama "
-                                    ".gguf file or HF Llama directory; with --to-hf: a native checkpoint or `latest`")
+    parser.add_argument("src", help="an HF GPT-2 or Llama hub id or directory, `bundled` (the bundled SmolLM2 GGUF), "
+                                    "or a Llama .gguf file; with --to-hf: a native checkpoint or `latest`")
     parser.add_argument("out", help="output directory")
     parser.add_argument("--to-hf", action="store_true", help="export a native checkpoint to a transformers directory")
     args = parser.parse_args(argv)

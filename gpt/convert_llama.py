@@ -3,6 +3,7 @@
     python -m gpt.convert bundled models/native/smollm2-135m-instruct   # the bundled GGUF (gpt.assets)
     python -m gpt.convert path/to/model.gguf OUT                        # any Llama-architecture GGUF
     python -m gpt.convert path/to/llama-dir OUT                         # a save_pretrained LlamaForCausalLM
+    python -m gpt.convert HuggingFaceTB/SmolLM2-360M-Instruct OUT        # a hub id (cached, or online)
 
 transformers reads the GGUF: it dequantises the weights to fp32 and undoes llama.cpp's q/k row permutation,
 so what lands here is exactly the state dict of a `LlamaForCausalLM`. The native names are then:
@@ -154,22 +155,22 @@ def llama_to_hf_model(model: GPT):
     return hf_model.eval()
 
 
-def resolve_llama_source(source: str) -> tuple[Path, str | None]:
-    """(directory, gguf file name or None) for `bundled`, a .gguf path or a Llama directory."""
+def resolve_llama_source(source: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for `bundled`, a .gguf path, a directory or a hub id."""
     if source == BUNDLED:
         from gpt.assets import SMOLLM2_GGUF, asset_path
 
         path = asset_path(SMOLLM2_GGUF)
-        return path.parent, path.name
+        return str(path.parent), path.name
     path = Path(source)
     if source.lower().endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"{source} does not exist: pass the path of a .gguf file, or `bundled`.")
-        return path.parent, path.name
-    if not (path / "config.json").is_file():
+        return str(path.parent), path.name
+    if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a model directory (no config.json): pass a save_pretrained "
                                 f"Llama directory, a .gguf file, or `bundled`.")
-    return path, None
+    return source, None  # a directory, or a hub id (from the cache when offline)
 
 
 def load_hf_llama(source: str):
@@ -179,10 +180,10 @@ def load_hf_llama(source: str):
     directory, gguf_file = resolve_llama_source(source)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        hf_config = AutoConfig.from_pretrained(str(directory), **kwargs)
+        hf_config = AutoConfig.from_pretrained(directory, **kwargs)
         llama_config_from_hf(hf_config)  # refuse unsupported variants before loading any weights
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as e:
         raise LlamaImportError(f"Could not load {source!r} with transformers ({str(e).splitlines()[0][:200]}); "
                                f"check that it is a complete Llama model with its tokenizer.") from None
@@ -233,6 +234,6 @@ def convert_llama_to_native(source: str, out, meta: dict | None = None) -> Path:
             raise LlamaImportError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                                    f"{model.config.vocab_size}; the model and tokenizer do not belong together.")
         directory, gguf_file = resolve_llama_source(source)
-        info = {"source": str(directory / gguf_file) if gguf_file else str(directory),
+        info = {"source": str(Path(directory) / gguf_file) if gguf_file else directory,
                 "converted_from": "GGUF via transformers" if gguf_file else "transformers LlamaForCausalLM"}
         return save_checkpoint(model, out, tokenizer, {**info, **(meta or {})})

@@ -163,3 +163,41 @@ def test_sources_are_routed_to_the_llama_importer_by_form(tmp_path):
     assert is_llama_source("bundled") and is_llama_source("x/Model.Q8_0.GGUF")
     assert is_llama_source(str(tmp_path / "llama"))
     assert not is_llama_source(str(tmp_path / "gpt2")) and not is_llama_source("gpt2")
+
+
+def fake_hub_cache(cache, repo_id: str, files_from) -> None:
+    """Lay `files_from` out as the Hugging Face cache does for a downloaded `repo_id` (no network needed)."""
+    import shutil
+
+    repo = cache / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(files_from, repo / "snapshots" / commit)
+
+
+def test_cached_hub_ids_convert_offline_for_gpt2_and_llama(tiny_gpt2_hf_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gpt.convert_llama import llama_from_hf_model
+
+    hf_llama, _ = make_llama_dir(tmp_path / "llama-dir", tie=True)
+    fake_hub_cache(tmp_path / "hf-home", "someone/tiny-gpt2", tiny_gpt2_hf_dir)
+    fake_hub_cache(tmp_path / "hf-home", "someone/tiny-llama", tmp_path / "llama-dir")
+    script = ("import sys; from gpt.convert import main; "
+              "sys.exit(main([sys.argv[1], sys.argv[2]]) or main([sys.argv[3], sys.argv[4]]))")
+    result = subprocess.run(
+        [sys.executable, "-c", script, "someone/tiny-gpt2", str(tmp_path / "gpt2"), "someone/tiny-llama",
+         str(tmp_path / "llama")], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        env={**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    gpt2, _, gpt2_meta = load_checkpoint(tmp_path / "gpt2")
+    llama, tokenizer, llama_meta = load_checkpoint(tmp_path / "llama")
+    assert gpt2.config.pos == "learned" and gpt2_meta["source"] == "someone/tiny-gpt2"
+    assert llama.config.pos == "rope" and llama_meta["source"] == "someone/tiny-llama"
+    expected = llama_from_hf_model(hf_llama).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in llama.state_dict().items())
+    assert tokenizer.chat_template == CHATML
