@@ -148,6 +148,7 @@ def finetune(args: argparse.Namespace) -> int:
             min_exchanges=args.min_exchanges, val_fraction=cfg.val_fraction, seed=cfg.seed))
         say(dist, describe_data(manifest))
 
+    n_params = model.get_num_params()
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
     cfg.block_size = min(cfg.block_size, model.config.block_size)
@@ -156,7 +157,7 @@ def finetune(args: argparse.Namespace) -> int:
                           rank=dist.rank, world_size=dist.world_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = f"LoRA rank {cfg.lora_rank}, {trainable / 1e6:.2f}M trainable" if cfg.lora_rank else "full fine-tuning"
-    say(dist, f"base {base_source}: {model.get_num_params() / 1e6:.1f}M parameters ({what}); training on {device} "
+    say(dist, f"base {base_source}: {n_params / 1e6:.1f}M parameters ({what}); training on {device} "
               f"({dist.world_size} process{'es' if dist.world_size > 1 else ''}), block {cfg.block_size}, "
               f"batch {cfg.batch_size} x accum {cfg.grad_accum}, lr {cfg.lr:g} -> {cfg.min_lr:g}")
     source = manifest["source"]
