@@ -40,12 +40,16 @@ EXIT_INTERRUPTED = 130
 
 
 def guarded(command: Callable[[], int]) -> int:
-    """Run `command`; a user-caused error becomes `error: <sentence>` on stderr and exit status 2."""
+    """Run `command`; a user-caused error becomes `error: <sentence>` on stderr and exit status 2, and Ctrl-C
+    before training (the loop handles it during training) exit status 130 without a traceback."""
     try:
         return command()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before training started (loading, preparing data): nothing to keep yet
+        print("interrupted before training started; no checkpoint was written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def start_processes(cfg: TrainConfig) -> tuple[Distributed, torch.device]:
