@@ -235,15 +235,18 @@ def _bundled_dir() -> Path:
 
 
 def _save_dequantised(model, tokenizer, out: Path) -> None:
-    """save_pretrained refuses a GGUF-loaded model; a fresh model from its config without the quantisation
-    note, holding the same weights, saves fine."""
+    """save_pretrained refuses a GGUF-loaded model; a model built from its config without the quantisation
+    note, holding the same tensors (no copy, no random init), saves fine."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
+    with init_empty_weights():
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
     plain.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
 
@@ -254,7 +257,10 @@ def _write_atomically(target: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is for every user of this checkout
+        os.chmod(tmp, 0o755)  # mkdtemp (and safetensors) make it private; the cache serves every user here
+        for item in tmp.iterdir():
+            if item.is_file():
+                os.chmod(item, 0o644)
         try:
             os.replace(tmp, target)
         except OSError:
