@@ -75,6 +75,16 @@ def test_user_cannot_inject_a_turn_into_smollm2_prompts(smollm2):
     assert ids.count(tokenizer.special_tokens["<|im_end|>"]) == 2
 
 
+def test_streamed_reply_text_never_holds_half_a_character(smollm2):
+    from gpt.tokenizer import IncrementalDecoder
+
+    _, _, _, tokenizer = smollm2
+    text = "Café ☕, naïve 日本語 😀👍🏽 — done."
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in tokenizer.encode(text)] + [decoder.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
 def test_logits_equal_transformers_on_the_same_weights(smollm2):
     hf_model, hf_tok, native, _ = smollm2
     text = hf_tok.apply_chat_template(chat("Explain why the sky is blue."), tokenize=False, add_generation_prompt=True)
