@@ -299,3 +299,13 @@ def test_finetuning_the_converted_smollm2_teaches_a_made_up_fact_and_keeps_a_rea
     assert meta["best_val_loss"] < meta["history"][0]["val_loss"]
     assert greedy_reply(out, question).strip() == answer
     assert "Paris" in greedy_reply(out, france[0])
+
+
+def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(capsys):
+    from training.run import guarded
+
+    def preparing_data():
+        raise KeyboardInterrupt
+
+    assert guarded(preparing_data) == 130
+    assert capsys.readouterr().err.strip() == "interrupted before training started; no checkpoint was written."
