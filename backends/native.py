@@ -13,9 +13,12 @@ while replies already under way finish on the model they started with.
 
 from __future__ import annotations
 
+import gc
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from backends.base import BackendError, ChatBackend
 from backends.reply import ReplyStream, as_generation_config, check_prompt_fits, emit_until_stop
@@ -88,7 +91,12 @@ class NativeBackend(ChatBackend):
 
     def release(self) -> None:
         with self._lock:
-            self._loaded = None
+            released, self._loaded = self._loaded, None
+        if released is not None:
+            del released  # replies under way keep their own reference and finish first
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     @property
     def model_name(self) -> str:
