@@ -222,20 +222,21 @@ class Trainer:
                             break
                     if s.iteration >= cfg.max_iters:
                         break
-                    t0 = time.perf_counter()
-                    loss, batch = self._step(lr, batch)
-                    dt = time.perf_counter() - t0
-                    s.iteration += 1
-                    s.tokens += tokens_per_step
-                    s.train_seconds += dt
-                    step_seconds.append(dt)
-                    rate = tokens_per_step / dt
-                    postfix = {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}", "lr": f"{lr:.2e}"}
-                    if self.peak_flops and len(step_seconds) > 1:
-                        mfu = self.model.estimate_mfu(tokens_per_step // self.dist.world_size, dt, self.peak_flops)
-                        postfix["mfu"] = f"{100 * mfu:.1f}%"
-                    bar.set_postfix(postfix, refresh=False)
-                    bar.update(1)
+                    with deferred_interrupts():  # a step is never left half-applied
+                        t0 = time.perf_counter()
+                        loss, batch = self._step(lr, batch)
+                        dt = time.perf_counter() - t0
+                        s.iteration += 1
+                        s.tokens += tokens_per_step
+                        s.train_seconds += dt
+                        step_seconds.append(dt)
+                        rate = tokens_per_step / dt
+                        postfix = {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}", "lr": f"{lr:.2e}"}
+                        if self.peak_flops and len(step_seconds) > 1:
+                            mfu = self.model.estimate_mfu(tokens_per_step // self.dist.world_size, dt, self.peak_flops)
+                            postfix["mfu"] = f"{100 * mfu:.1f}%"
+                        bar.set_postfix(postfix, refresh=False)
+                        bar.update(1)
         except KeyboardInterrupt:
             stopped = "interrupted"
         finally:
