@@ -95,5 +95,5 @@ class ChatBackend(ABC):
     def generate(self, prompt: str, cfg: GenerationConfig) -> str:
         return "".join(self.stream(prompt, cfg))
 
-    def release(self) -> None:
+    def release(self) -> None:  # noqa: B027 (optional hook: a backend with nothing to free keeps it)
         """Free the model's memory; the backend may load again on next use."""

@@ -20,7 +20,7 @@ import os
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from gpt.chatlog import RATINGS, LogContents, conversations, read_lines
@@ -49,7 +49,7 @@ class LogStats:
 
 def utc_timestamp() -> str:
     """Now as ISO-8601 in UTC, e.g. 2026-11-21T22:12:27.123+00:00."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class ChatLog:

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -94,8 +94,8 @@ def test_exchange_line_has_the_design_schema_and_utc_timestamp(tmp_path):
     assert set(line) == {"timestamp", "user", "assistant", "conversation_id", "turn", "backend", "model",
                          "system_prompt", "config"}
     stamp = datetime.fromisoformat(line["timestamp"])
-    assert stamp.utcoffset() == timezone.utc.utcoffset(None)
-    assert abs((datetime.now(timezone.utc) - stamp).total_seconds()) < 60
+    assert stamp.utcoffset() == UTC.utcoffset(None)
+    assert abs((datetime.now(UTC) - stamp).total_seconds()) < 60
 
 
 def test_feedback_line_and_latest_rating_per_exchange_counts(tmp_path):
