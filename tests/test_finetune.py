@@ -309,3 +309,13 @@ def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(capsys):
 
     assert guarded(preparing_data) == 130
     assert capsys.readouterr().err.strip() == "interrupted before training started; no checkpoint was written."
+
+
+def test_show_examples_marks_only_the_replies_and_writes_nothing(tiny_base, log, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--history", str(log), "--base", str(tiny_base), "--out", str(out), "--show-examples", "2"]) == 0
+    printed = capsys.readouterr().out
+    marked = re.findall(r"⟦(.*?)⟧", printed, flags=re.S)
+    assert len(marked) == 2 and all(m.endswith("<|im_end|>\n") for m in marked)
+    assert {m[:-len("<|im_end|>\n")] for m in marked} <= {a for _, a in FACTS}
+    assert "<|im_start|>user" in printed and not out.exists() and not Path(f"{out}.train").exists()

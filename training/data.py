@@ -224,6 +224,21 @@ def prepare_text_data(text_path: str | Path, tokenizer: Tokenizer, directory: st
     return manifest
 
 
+def show_masked(tokenizer: Tokenizer, ids, mask, color: bool = False) -> str:
+    """An example as text with its training targets marked: green on a terminal, else between ⟦ and ⟧."""
+    start, end = ("\x1b[32m", "\x1b[0m") if color else ("⟦", "⟧")
+    pieces, run, current = [], [], None
+    for token, m in [*zip((int(t) for t in ids), (int(v) for v in mask), strict=True), (None, None)]:
+        if m != current and run:
+            text = tokenizer.decode(run)
+            pieces.append(f"{start}{text}{end}" if current else text)
+            run = []
+        current = m
+        if token is not None:
+            run.append(token)
+    return "".join(pieces)
+
+
 @dataclass
 class Split:
     tokens: np.ndarray

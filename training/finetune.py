@@ -35,7 +35,7 @@ from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 from training.batches import ChatBatches
 from training.config import add_config_flags, load_config, overrides_from_args
-from training.data import load_split, prepare_chat_data, read_manifest
+from training.data import load_split, prepare_chat_data, read_manifest, show_masked
 from training.lora import apply_lora, merged_copy
 from training.outputs import work_dir_for
 from training.run import (
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out from its last saved state and data")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (evaluations still print)")
+    parser.add_argument("--show-examples", type=int, default=0, metavar="N",
+                        help="print the first N training examples with their targets marked, then exit without "
+                             "training (to check what the model will learn)")
     add_config_flags(parser)
     return parser
 
@@ -133,6 +136,8 @@ def finetune(args: argparse.Namespace) -> int:
     data_dir = work_dir_for(out) / "data"
     torch.manual_seed(cfg.seed)
 
+    if args.show_examples:
+        return show_examples(args, cfg)
     if args.resume:
         check_out(out, resume=True)
         model, tokenizer, meta = load_checkpoint(out)
@@ -170,6 +175,21 @@ def finetune(args: argparse.Namespace) -> int:
                         for key in ("examples", "tokens", "target_tokens")}}}
     return train_and_report(model, tokenizer, batches, cfg, out, meta, dist=dist, device=device,
                             resume=args.resume, progress=not args.no_progress, export=merged_copy)
+
+
+def show_examples(args: argparse.Namespace, cfg) -> int:
+    """Prepare the data in a scratch directory and print examples as the loss sees them."""
+    base = load_base(args.base)
+    with tempfile.TemporaryDirectory(prefix="nanogpt-show-") as tmp:
+        manifest = prepare_chat_data(args.history, base.tokenizer, tmp, only_liked=args.only_liked,
+                                     exclude_disliked=args.exclude_disliked, min_exchanges=args.min_exchanges,
+                                     val_fraction=cfg.val_fraction, seed=cfg.seed)
+        print(describe_data(manifest))
+        train = load_split(tmp, "train")
+        for i in range(min(args.show_examples, len(train))):
+            print(f"--- example {i} (targets marked) ---")
+            print(show_masked(base.tokenizer, *train.example(i), color=sys.stdout.isatty()))
+    return 0
 
 
 def describe_data(manifest: dict) -> str:
