@@ -9,13 +9,9 @@ Both entry points (training.finetune, training.pretrain) share this one set of f
 from __future__ import annotations
 
 import argparse
+import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 
 class ConfigError(ValueError):
