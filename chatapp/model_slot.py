@@ -164,6 +164,11 @@ class ModelSlots:
         for backend in freed:  # outside the lock: a new load of the same key builds a fresh backend object
             backend.release()
 
+    def chosen(self, session: str) -> str | None:
+        """The key session `session` chose last (None before it chose one)."""
+        with self._lock:
+            return self._chosen.get(session)
+
     def sessions_using(self, key: str) -> int:
         """How many browser sessions have `key` chosen right now."""
         with self._lock:

@@ -215,28 +215,31 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
 
         chatbot.edit(edit, [chatbot, conversation], [chatbot, stats], api_visibility="private")
 
-        def watch(key: str) -> Iterator[str]:
-            """The slot's status line, refreshed until it is no longer loading."""
+        def watch(key: str, session: str) -> Iterator[str]:
+            """The slot's status line, refreshed until it is no longer loading or the session switched away."""
             while not slots.wait(key, STATUS_POLL_S):
+                if slots.chosen(session) != key:
+                    return  # a newer choice has its own watcher; never overwrite its status
                 yield slots.status(key).message
-            yield slots.status(key).message
+            if slots.chosen(session) == key:
+                yield slots.status(key).message
 
         def choose(key, request: gr.Request):
+            session = request.session_hash or ""
             try:
-                slots.choose(request.session_hash or "", key)
+                slots.choose(session, key)
             except BackendError as exc:
                 gr.Warning(str(exc))
                 return
-            yield from watch(key)
+            yield from watch(key, session)
 
-        def reload_native(key):
+        def reload_native(key, request: gr.Request):
             try:
                 slots.reload(key)
             except BackendError as exc:
                 gr.Warning(str(exc))
-                yield slots.status(key).message
                 return
-            yield from watch(key)
+            yield from watch(key, request.session_hash or "")
 
         status_events = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
         backend.input(choose, backend, status, **status_events)

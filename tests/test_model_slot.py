@@ -129,3 +129,13 @@ def test_reload_serves_the_newest_checkpoint_of_a_native_backend(slots, factory)
     assert "a-v2" in slots.status("a").message and len(factory.built) == 1
     with pytest.raises(BackendError, match="not a native checkpoint"):
         slots.reload("b")
+
+
+def test_each_session_remembers_its_own_choice(slots):
+    assert slots.chosen("s1") is None
+    slots.choose("s1", "a")
+    slots.choose("s2", "b")
+    slots.choose("s1", "b")
+    assert (slots.chosen("s1"), slots.chosen("s2")) == ("b", "b") and slots.sessions_using("b") == 2
+    slots.forget("s1")
+    assert slots.chosen("s1") is None and slots.sessions_using("b") == 1
