@@ -269,9 +269,10 @@ class GPT(nn.Module):
         extra = {"fused": True} if device_type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
-    def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float) -> float:
-        """Model FLOPs utilisation (PaLM appendix B): 6N + 12·L·H·Q·T FLOPs per token."""
+    def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float, seq_len: int | None = None) -> float:
+        """Model FLOPs utilisation (PaLM appendix B): 6N + 12·L·H·Q·T FLOPs per token, T the trained
+        sequence length (default: the model's context)."""
         cfg = self.config
         n = self.get_num_params()
-        flops_per_token = 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+        flops_per_token = 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * (seq_len or cfg.block_size)
         return flops_per_token * tokens_per_iter / dt / peak_flops

@@ -233,7 +233,8 @@ class Trainer:
                         rate = tokens_per_step / dt
                         postfix = {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}", "lr": f"{lr:.2e}"}
                         if self.peak_flops and len(step_seconds) > 1:
-                            mfu = self.model.estimate_mfu(tokens_per_step // self.dist.world_size, dt, self.peak_flops)
+                            mfu = self.model.estimate_mfu(tokens_per_step // self.dist.world_size, dt, self.peak_flops,
+                                                          cfg.block_size)
                             postfix["mfu"] = f"{100 * mfu:.1f}%"
                         bar.set_postfix(postfix, refresh=False)
                         bar.update(1)
@@ -247,7 +248,7 @@ class Trainer:
         mfu = None
         if self.peak_flops and steady:
             mfu = self.model.estimate_mfu(tokens_per_step // self.dist.world_size, sum(steady) / len(steady),
-                                          self.peak_flops)
+                                          self.peak_flops, cfg.block_size)
         if stopped == "interrupted" and self.on_eval and self.dist.is_main:
             with deferred_interrupts():
                 self.on_eval(self.model, self.optimizer, s)
