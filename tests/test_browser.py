@@ -232,3 +232,25 @@ def test_reload_button_serves_a_new_checkpoint_and_errors_read_as_sentences(tmp_
         wait_until(lambda: "is not a native checkpoint" in page.content(), what="the reload warning")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "browser-errors.png"), full_page=True)
+
+
+def test_switching_while_a_model_loads_keeps_the_status_of_the_newest_choice(app, browser_page):
+    from backends import create_backend
+
+    def slow_native(key, config):
+        if key == "native":
+            time.sleep(4)  # a big checkpoint
+        return create_backend(key, config)
+
+    app.service.slots.factory = slow_native
+    page = browser_page
+    page.goto(app.url)
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    status = page.locator("#status")
+    wait_until(lambda: "Loading Tiny native GPT-2" in status.inner_text(), what="the loading status")
+    page.locator("#backend input").click()
+    page.get_by_role("option", name=HF_LABEL).click()
+    wait_until(lambda: f"Ready: {HF_LABEL}" in status.inner_text(), what="the transformers backend")
+    wait_until(lambda: app.service.slots.status("native").state == "ready", what="the slow load to finish")
+    time.sleep(1.5)  # the old watcher would have written "Ready: Tiny native GPT-2" by now
+    assert f"Ready: {HF_LABEL}" in status.inner_text()
