@@ -1,0 +1,244 @@
+"""Decode speed, side by side: the native engine against transformers `generate` on the same weights.
+
+    python -m benchmarks.decode                                  # CPU fp32, GPT-2-124M shape, 512 + 128 tokens
+    python -m benchmarks.decode --dtype bf16                     # the bf16 path on CPU
+    python -m benchmarks.decode --device cuda --dtype bf16 --compile --json
+    python -m benchmarks.decode --model smollm2                  # the converted bundled SmolLM2 vs transformers
+
+Both backends run in one process, alternating (the order flips every repeat), batch 1, greedy, with no
+stop token on either side, so both always generate exactly `--new-tokens` ids. Per backend it prints decode
+tokens/s (after the first token), time to first token (prefill + first pick), peak memory the run adds
+(RSS on CPU, the CUDA allocator's peak on GPU), and each as a share of the memory-bandwidth roofline:
+measured copy bandwidth / weight bytes = tokens/s if each token had to read every weight once and nothing
+else. `--json` makes the last line one JSON object. transformers runs with its default (dynamic) cache; on
+CUDA also with its static cache, which `generate` compiles with torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.measure import PeakMemory, copy_bandwidth, hardware_name, median, weight_bytes
+from gpt.device import pick_device, pick_dtype
+from gpt.engine import Engine
+from gpt.model import GPT, GPTConfig
+from gpt.sampling import SamplingParams
+
+SMOLLM2_CHECKPOINT = Path("models/native/smollm2-135m-instruct")
+SHAPE_124M = dict(n_layer=12, n_head=12, n_embd=768)
+
+
+@dataclass
+class Run:
+    ids: list[int]
+    ttft_s: float
+    tok_s: float
+    peak_bytes: int
+
+
+@dataclass
+class Series:
+    """Every repeat of one backend."""
+
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def tok_s(self) -> float:
+        return median([r.tok_s for r in self.runs])
+
+    @property
+    def ttft_s(self) -> float:
+        return median([r.ttft_s for r in self.runs])
+
+    @property
+    def peak_mb(self) -> float:
+        return max(r.peak_bytes for r in self.runs) / 2**20
+
+    @property
+    def ids(self) -> list[int]:
+        return self.runs[0].ids
+
+
+def build_models(name: str, device: torch.device, dtype: torch.dtype, seed: int, shape: dict | None = None):
+    """(native GPT, transformers model) holding the same weights, both in eval mode on `device`."""
+    if name == "gpt2-124m":
+        from gpt.convert import gpt2_to_hf_model
+
+        torch.manual_seed(seed)
+        native = GPT(GPTConfig(**(shape or {})))  # GPT-2-124M shape, GPT-2's init: random, realistic magnitudes
+        hf = gpt2_to_hf_model(native)
+    else:
+        from gpt.checkpoint import load_checkpoint
+        from gpt.convert_llama import llama_to_hf_model
+
+        if not (SMOLLM2_CHECKPOINT / "model.safetensors").is_file():
+            raise SystemExit(f"error: {SMOLLM2_CHECKPOINT} is missing; run `make setup` to convert the bundled SmolLM2.")
+        native, _, _ = load_checkpoint(str(SMOLLM2_CHECKPOINT))
+        hf = llama_to_hf_model(native)
+    native = native.to(device=device, dtype=dtype).eval()
+    hf = hf.to(device=device, dtype=dtype).eval()
+    return native, hf
+
+
+def prompt_ids(vocab_size: int, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (n,), generator=g).tolist()
+
+
+def run_native(engine: Engine, prompt: list[int], new_tokens: int) -> Run:
+    device = engine.device
+    with PeakMemory(device) as mem:
+        ids: list[int] = []
+        t0 = time.perf_counter()
+        t_first = t_last = t0
+        for token in engine.generate(prompt, new_tokens, SamplingParams(temperature=0.0), stop_ids=()):
+            t_last = time.perf_counter()  # the engine yields a Python int: the step has finished on the device
+            if not ids:
+                t_first = t_last
+            ids.append(token)
+    return Run(ids, t_first - t0, (len(ids) - 1) / max(t_last - t_first, 1e-9), mem.peak_bytes)
+
+
+def run_hf(model, prompt: list[int], new_tokens: int, cache: str) -> Run:
+    from transformers import GenerationConfig
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        """`generate` calls put() with the prompt, then with each new token (moved to the CPU: synchronised)."""
+
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    device = next(model.parameters()).device
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=None,
+                              eos_token_id=None, pad_token_id=0,  # no stop: always `new_tokens` ids
+                              cache_implementation="static" if cache == "static" else None)
+    input_ids = torch.tensor([prompt], device=device)
+    clock = Clock()
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+                             streamer=clock)
+    ids = out[0, len(prompt):].tolist()
+    t_first, t_last = clock.times[1], clock.times[-1]
+    return Run(ids, t_first - t0, (len(ids) - 1) / max(t_last - t_first, 1e-9), mem.peak_bytes)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("gpt2-124m", "smollm2"), default="gpt2-124m",
+                   help="gpt2-124m: seeded random GPT-2-124M-shaped weights; smollm2: the converted bundled model")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the best available)")
+    p.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16; auto: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens")
+    p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to generate per run")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per backend (alternating); medians reported")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the native CUDA decode step with torch.compile (inside its CUDA graph)")
+    p.add_argument("--no-fast", action="store_true",
+                   help="use the engine's plain path (no static cache / CUDA graph) even on CUDA")
+    p.add_argument("--no-hf-static", action="store_true", help="on CUDA, skip transformers' static cache + compile")
+    p.add_argument("--seed", type=int, default=1234, help="seed for the random weights and the prompt")
+    p.add_argument("--n-layer", type=int, default=12, help="gpt2-124m: layers (smaller for smoke tests)")
+    p.add_argument("--n-head", type=int, default=12, help="gpt2-124m: attention heads")
+    p.add_argument("--n-embd", type=int, default=768, help="gpt2-124m: width")
+    p.add_argument("--bandwidth-mib", type=int, help="copy-bandwidth buffer (default 512 MiB on CPU, 2 GiB on CUDA)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = p.parse_args(argv)
+    if args.prompt_tokens < 1 or args.new_tokens < 2 or args.repeats < 1:
+        p.error("--prompt-tokens must be >= 1, --new-tokens >= 2 and --repeats >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    native, hf = build_models(args.model, device, dtype, args.seed, shape)
+    context = native.config.block_size
+    if args.prompt_tokens + args.new_tokens > context:
+        print(f"error: --prompt-tokens + --new-tokens must fit the context of {context} tokens", file=sys.stderr)
+        return 2
+    engine = Engine(native, fast=not args.no_fast and device.type == "cuda", compile=args.compile)
+    prompt = prompt_ids(native.config.vocab_size, args.prompt_tokens, args.seed)
+
+    runners = {"native": lambda n: run_native(engine, prompt, n), "hf": lambda n: run_hf(hf, prompt, n, "dynamic")}
+    if device.type == "cuda" and not args.no_hf_static:
+        runners["hf_static"] = lambda n: run_hf(hf, prompt, n, "static")
+    # Warm-up (not timed): kernels, graphs and compiled code. CUDA runs the full length so that shape-keyed
+    # compiled code (transformers' static cache) is built for the timed shape; CPU needs only a short run.
+    warm_tokens = args.new_tokens if device.type == "cuda" else min(args.new_tokens, 8)
+    for run in runners.values():
+        run(warm_tokens)
+    series = {name: Series(name) for name in runners}
+    for r in range(args.repeats):
+        order = list(runners) if r % 2 == 0 else list(reversed(runners))
+        for name in order:
+            series[name].runs.append(runners[name](args.new_tokens))
+
+    bandwidth = copy_bandwidth(device, args.bandwidth_mib << 20 if args.bandwidth_mib else None)
+    wbytes = weight_bytes(native)
+    roofline = bandwidth / wbytes
+    result = {
+        "model": args.model if args.model != "gpt2-124m" or shape == SHAPE_124M else f"gpt2-{args.n_layer}x{args.n_embd}",
+        "device": device.type, "hardware": hardware_name(device),
+        "dtype": str(dtype).replace("torch.", ""), "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "native_fast_path": engine.fast,
+        "native_compile": args.compile, "torch": torch.__version__,
+        "copy_gb_s": bandwidth / 1e9, "weight_mb": wbytes / 2**20, "roofline_tok_s": roofline,
+    }
+    for name, s in series.items():
+        result[f"{name}_tok_s"] = s.tok_s
+        result[f"{name}_ttft_s"] = s.ttft_s
+        result[f"{name}_peak_mb"] = s.peak_mb
+        result[f"{name}_roofline_pct"] = 100 * s.tok_s / roofline
+    result["ratio"] = series["native"].tok_s / series["hf"].tok_s
+    result["identical"] = series["native"].ids == series["hf"].ids
+    result["native_deterministic"] = all(r.ids == series["native"].ids for r in series["native"].runs)
+    if "hf_static" in series:
+        result["ratio_vs_hf_static"] = series["native"].tok_s / series["hf_static"].tok_s
+        result["identical_hf_static"] = series["native"].ids == series["hf_static"].ids
+    print_report(result, series)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def print_report(result: dict, series: dict[str, Series]) -> None:
+    print(f"{result['model']} on {result['hardware']} ({result['device']}, {result['dtype']}), "
+          f"{result['prompt_tokens']}-token prompt + {result['new_tokens']} greedy tokens, batch 1, "
+          f"median of {result['repeats']}")
+    print(f"roofline: {result['copy_gb_s']:.1f} GB/s copy / {result['weight_mb']:.0f} MiB weights "
+          f"= {result['roofline_tok_s']:.0f} tok/s")
+    print(f"{'backend':<10} {'decode tok/s':>12} {'% roofline':>10} {'TTFT s':>8} {'peak MiB':>9}")
+    for name, s in series.items():
+        print(f"{name:<10} {s.tok_s:>12.1f} {result[f'{name}_roofline_pct']:>10.1f} {s.ttft_s:>8.3f} "
+              f"{s.peak_mb:>9.1f}")
+    line = f"native/hf: {result['ratio']:.2f}x   identical ids: {result['identical']}"
+    if "ratio_vs_hf_static" in result:
+        line += (f"   native/hf_static: {result['ratio_vs_hf_static']:.2f}x   "
+                 f"identical to hf_static: {result['identical_hf_static']}")
+    print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Smoke tests of the benchmarks: both run at a tiny size on CPU and report what docs/benchmarks.md quotes.
+
+No timing assertions: speed on a shared CI machine says nothing; the keys, the id check and the
+arithmetic between the reported figures are what these pin.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import decode, train
+
+TINY_DECODE = ["--device", "cpu", "--dtype", "fp32", "--n-layer", "2", "--n-head", "2", "--n-embd", "64",
+               "--prompt-tokens", "24", "--new-tokens", "6", "--repeats", "2", "--bandwidth-mib", "16", "--json"]
+
+
+def last_json_line(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def test_decode_benchmark_json_has_the_agreed_keys_and_identical_ids(capsys):
+    assert decode.main(TINY_DECODE) == 0
+    result = last_json_line(capsys)
+    for key in ("native_tok_s", "hf_tok_s", "ratio", "identical", "native_ttft_s", "hf_ttft_s", "roofline_tok_s",
+                "native_peak_mb", "hf_peak_mb", "native_roofline_pct", "hf_roofline_pct"):
+        assert key in result, key
+    assert result["identical"] is True
+    assert result["native_deterministic"] is True
+    assert result["native_tok_s"] > 0 and result["hf_tok_s"] > 0
+    assert result["ratio"] == pytest.approx(result["native_tok_s"] / result["hf_tok_s"])
+    assert result["native_roofline_pct"] == pytest.approx(100 * result["native_tok_s"] / result["roofline_tok_s"])
+    assert result["device"] == "cpu" and result["native_fast_path"] is False
+    assert "hf_static_tok_s" not in result  # transformers' static cache + compile is a CUDA-only comparison
+
+
+def test_decode_benchmark_generates_every_requested_token_on_both_sides():
+    native, hf = decode.build_models("gpt2-124m", decode.pick_device("cpu"), decode.torch.float32, 7,
+                                     dict(n_layer=1, n_head=2, n_embd=32))
+    prompt = decode.prompt_ids(native.config.vocab_size, 10, 7)
+    from gpt.engine import Engine
+
+    native_run = decode.run_native(Engine(native), prompt, 9)
+    hf_run = decode.run_hf(hf, prompt, 9, "dynamic")
+    assert len(native_run.ids) == len(hf_run.ids) == 9  # no stop token on either side
+    assert native_run.ids == hf_run.ids
+    assert native_run.ttft_s > 0 and hf_run.ttft_s > 0
+
+
+def test_decode_benchmark_refuses_a_prompt_longer_than_the_context(capsys):
+    assert decode.main(TINY_DECODE[:-1] + ["--prompt-tokens", "1020", "--new-tokens", "10"]) == 2
+    assert "context of 1024 tokens" in capsys.readouterr().err
+
+
+def test_train_benchmark_reports_throughput_and_mfu_only_with_a_known_peak(capsys):
+    tiny = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--vocab-size", "128",
+            "--block", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--json"]
+    assert train.main(tiny) == 0
+    result = last_json_line(capsys)
+    assert result["tokens_per_s"] == pytest.approx(2 * 16 / result["step_s"])
+    assert result["mfu"] is None and result["peak_tflops"] is None
+    assert result["final_loss"] > 0
+    assert train.main(tiny + ["--peak-tflops", "1"]) == 0
+    assert 0 < last_json_line(capsys)["mfu"] < 1
