@@ -159,12 +159,12 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
 
         chat_outputs = [chatbot, conversation, meter, stats]
         common = dict(concurrency_limit=GENERATE_LIMIT, concurrency_id=GENERATE, api_visibility="private")
-        send_events = [
-            trigger(send, [message, chatbot, conversation, *settings], [message, *chat_outputs], **common)
-            for trigger in (message.submit, send_button.click)]
-        regenerate_events = [
-            trigger(regenerate, [chatbot, conversation, *settings], chat_outputs, **common)
-            for trigger in (regenerate_button.click, chatbot.retry)]
+        # One event per action, whatever triggered it: while a reply streams, a second Enter or Send click
+        # is ignored (trigger_mode="once") instead of starting a reply to a half-finished history.
+        send_event = gr.on([message.submit, send_button.click], send, [message, chatbot, conversation, *settings],
+                           [message, *chat_outputs], trigger_mode="once", **common)
+        regenerate_event = gr.on([regenerate_button.click, chatbot.retry], regenerate,
+                                 [chatbot, conversation, *settings], chat_outputs, trigger_mode="once", **common)
         # Stop is a flag, not a Gradio cancel: a cancel can drop the last piece the chat loop already
         # logged. The reply loop sees the flag at its next piece, closes the stream (the model stops, the
         # partial reply is logged once) and shows exactly the logged text.
@@ -173,8 +173,7 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
         def clear():
             return [], {"conversation_id": new_conversation_id()}, "Context: nothing sent yet."
 
-        clear_button.click(clear, None, [chatbot, conversation, meter], cancels=[*send_events,
-                                                                              *regenerate_events],
+        clear_button.click(clear, None, [chatbot, conversation, meter], cancels=[send_event, regenerate_event],
                            api_visibility="private")
         chatbot.clear(clear, None, [chatbot, conversation, meter], api_visibility="private")
 
@@ -219,10 +218,12 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
             """The slot's status line, refreshed until it is no longer loading or the session switched away."""
             while not slots.wait(key, STATUS_POLL_S):
                 if slots.chosen(session) != key:
-                    return  # a newer choice has its own watcher; never overwrite its status
+                    # Superseded: the newer choice's watcher owns the status line. End on a skip, as an
+                    # event's completion re-sends its last value, which would overwrite the newer status.
+                    yield gr.skip()
+                    return
                 yield slots.status(key).message
-            if slots.chosen(session) == key:
-                yield slots.status(key).message
+            yield slots.status(key).message if slots.chosen(session) == key else gr.skip()
 
         def choose(key, request: gr.Request):
             session = request.session_hash or ""
