@@ -44,7 +44,7 @@ class _Slot:
         self.error = ""
         self.in_use = 0
         self.note = ""  # why the last reload did not take effect
-        self.release_when_idle = False  # switched away from while a reply was still streaming
+        self.release_when_idle = False  # switched away from while loading or while a reply streamed
         self.loaded = threading.Event()  # set whenever the slot is not loading
         self.loaded.set()
 
@@ -133,7 +133,9 @@ class ModelSlots:
         with self._lock:
             slot.backend, slot.error, slot.note = backend, error, ""
             slot.state = READY if backend is not None else FAILED
-            slot.loaded.set()
+        if slot.release_when_idle:  # every session switched away while it loaded
+            self._release_unused(only=slot)
+        slot.loaded.set()  # after any release, so a waiter never sees a model that is going away
 
     def choose(self, session: str, key: str) -> SlotStatus:
         """Session `session` now chats with `key`: load it, and release models that nobody uses any more."""
@@ -154,10 +156,10 @@ class ModelSlots:
         with self._lock:
             keep = set(self._chosen.values())
             for slot in [only] if only else self._slots.values():
-                if slot.state != READY or slot.key in keep:
+                if slot.key in keep or slot.state in (IDLE, FAILED):
                     slot.release_when_idle = False
-                elif slot.in_use:
-                    slot.release_when_idle = True  # the last reply using it releases it
+                elif slot.state == LOADING or slot.in_use:
+                    slot.release_when_idle = True  # released once loaded, or when its last reply ends
                 else:
                     freed.append(slot.backend)
                     slot.backend, slot.state, slot.release_when_idle = None, IDLE, False
@@ -234,4 +236,6 @@ class ModelSlots:
             note = f"The reload failed ({type(exc).__name__}: {exc}); see the server log."
         with self._lock:
             slot.state, slot.note = READY, note
-            slot.loaded.set()
+        if slot.release_when_idle:
+            self._release_unused(only=slot)
+        slot.loaded.set()

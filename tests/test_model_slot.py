@@ -94,6 +94,16 @@ def test_a_model_in_use_is_released_only_when_its_reply_ends(slots, factory):
     assert backend.released
 
 
+def test_a_model_switched_away_from_while_loading_is_released_once_loaded(slots, factory):
+    factory.gate.clear()
+    slots.load_in_background("a")  # launch.py preloads the default backend
+    slots.choose("s1", "b")  # the first visitor picks another before it finished loading
+    factory.gate.set()
+    assert slots.wait("a", 5) and slots.wait("b", 5)
+    assert factory.built[0].key == "a" and factory.built[0].released
+    assert slots.loaded_keys() == ["b"]
+
+
 def test_use_after_release_loads_a_fresh_model(slots, factory):
     slots.choose("s1", "a")
     slots.wait("a", 5)
