@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 PLAIN_STOP_STRINGS = tuple(f"\n{name}:" for name in ("User", "Assistant", "System"))
-_ROLE_LINE = re.compile(r"(^|\n)((?:User|Assistant|System)\s*:)")
+# Only a marker after a newline can start a turn: a message's first line follows its own "Role: " already.
+_ROLE_LINE = re.compile(r"(\n)((?:User|Assistant|System)\s*:)")
 ZWSP = "\u200b"
 
 
