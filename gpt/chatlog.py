@@ -31,6 +31,7 @@ class Exchange:
     model: str | None = None
     system_prompt: str | None = None
     config: dict | None = None
+    line: int = 0  # 1-based line number in the log: later lines supersede earlier ones
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Feedback:
     rating: str | None = None
     edited: str | None = None
     timestamp: str | None = None
+    line: int = 0
 
 
 @dataclass
@@ -76,7 +78,7 @@ def parse_record(obj, line_number: int) -> Exchange | Feedback:
         if rating not in (*RATINGS, None) or not isinstance(obj.get("conversation_id"), str) \
                 or not isinstance(obj.get("turn"), int) or not (edited is None or isinstance(edited, str)):
             raise ValueError("bad feedback record")
-        return Feedback(obj["conversation_id"], obj["turn"], rating, edited, obj.get("timestamp"))
+        return Feedback(obj["conversation_id"], obj["turn"], rating, edited, obj.get("timestamp"), line_number)
     user, assistant = obj.get("user"), obj.get("assistant")
     if not isinstance(user, str) or not isinstance(assistant, str):
         raise ValueError("an exchange needs string 'user' and 'assistant'")
@@ -89,7 +91,8 @@ def parse_record(obj, line_number: int) -> Exchange | Feedback:
     config = obj.get("config")
     return Exchange(user=user, assistant=assistant, conversation_id=conversation_id, turn=turn,
                     timestamp=obj.get("timestamp"), backend=obj.get("backend"), model=obj.get("model"),
-                    system_prompt=obj.get("system_prompt"), config=config if isinstance(config, dict) else None)
+                    system_prompt=obj.get("system_prompt"), config=config if isinstance(config, dict) else None,
+                    line=line_number)
 
 
 def read_lines(lines: Iterable[str]) -> LogContents:
@@ -113,14 +116,25 @@ def read_log(path: str | Path) -> LogContents:
 
 
 def conversations(contents: LogContents) -> list[Conversation]:
-    """Exchanges grouped by conversation (in turn order) with the latest feedback per turn."""
-    groups: dict[str, list[Exchange]] = {}
+    """Exchanges grouped by conversation (in turn order) with the latest feedback per turn.
+
+    A regenerated reply is logged again under the same conversation and turn: the latest line wins, and
+    feedback given before it (on the reply it replaced) no longer applies.
+    """
+    latest: dict[tuple[str, int], Exchange] = {}
     for ex in contents.exchanges:
+        key = (ex.conversation_id, ex.turn)
+        if key not in latest or ex.line >= latest[key].line:
+            latest[key] = ex
+    groups: dict[str, list[Exchange]] = {}
+    for ex in latest.values():
         groups.setdefault(ex.conversation_id, []).append(ex)
     ratings: dict[tuple[str, int], str | None] = {}
     edits: dict[tuple[str, int], str] = {}
-    for fb in contents.feedback:
+    for fb in sorted(contents.feedback, key=lambda f: f.line):
         key = (fb.conversation_id, fb.turn)
+        if key in latest and fb.line < latest[key].line:
+            continue
         if fb.rating is not None or fb.edited is None:
             ratings[key] = fb.rating
         if fb.edited is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import sys
 import threading
 from collections import Counter
@@ -188,16 +187,8 @@ def test_log_path_that_is_a_folder_fails_with_one_sentence(tmp_path):
         log.read()
 
 
-@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root may write anywhere")
-def test_unwritable_log_fails_with_one_sentence(tmp_path):
-    path = tmp_path / "log.jsonl"
-    path.write_text("")
-    path.chmod(0o444)
-    with pytest.raises(ChatLogError, match="writable file path"):
-        ChatLog(path).check_writable()
-
-
 def test_permission_denied_on_append_fails_with_one_sentence(tmp_path, monkeypatch):
+    # Faked: these tests run as root, for whom a read-only file is still writable.
     import chatapp.history as history
 
     def refuse(*args, **kwargs):
