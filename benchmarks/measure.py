@@ -62,14 +62,14 @@ def _rss_bytes() -> int:
 
 
 class PeakMemory:
-    """Peak memory a block adds: RSS sampled every millisecond on CPU, the allocator's peak on CUDA.
+    """Peak memory a block adds: RSS sampled every 5 ms on CPU, the allocator's peak on CUDA.
 
         with PeakMemory(device) as mem:
             run()
         mem.peak_bytes   # above what was in use when the block started
     """
 
-    def __init__(self, device: torch.device, interval_s: float = 0.001):
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
         self.device = device
         self.interval_s = interval_s
         self.peak_bytes = 0
