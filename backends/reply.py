@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from backends.base import GenerationConfig
-from backends.stops import StopMatcher
+from backends.stops import StopMatcher, apply_stops
 
 FINISH_REASONS = ("stop", "eot", "length", "closed")
 
@@ -47,16 +47,9 @@ class ReplyStream(Iterator[str]):
 def emit_until_stop(reply: ReplyStream, pieces: Iterable[str], stops: Iterable[str]) -> Iterator[str]:
     """Pass decoded `pieces` on, ending before the first stop string (which never leaks); notes "stop"."""
     matcher = StopMatcher(stops)
-    for piece in pieces:
-        out = matcher.push(piece)
-        if out:
-            yield out
-        if matcher.stopped:
-            reply.finish_reason = "stop"
-            return
-    tail = matcher.flush()
-    if tail:
-        yield tail
+    yield from apply_stops(pieces, stops, matcher)
+    if matcher.stopped:
+        reply.finish_reason = "stop"
 
 
 def as_generation_config(cfg) -> GenerationConfig:

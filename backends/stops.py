@@ -46,9 +46,12 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-def apply_stops(pieces: Iterable[str], stops: Iterable[str]) -> Iterator[str]:
-    """Wrap a stream of text pieces so it ends before the first stop string, which never leaks."""
-    matcher = StopMatcher(stops)
+def apply_stops(pieces: Iterable[str], stops: Iterable[str], matcher: StopMatcher | None = None) -> Iterator[str]:
+    """Wrap a stream of text pieces so it ends before the first stop string, which never leaks.
+
+    Pass your own `matcher` to learn afterwards whether a stop string ended the stream (`matcher.stopped`).
+    """
+    matcher = matcher or StopMatcher(stops)
     for piece in pieces:
         out = matcher.push(piece)
         if out:
