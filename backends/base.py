@@ -9,7 +9,9 @@ Every backend (the native engine, transformers) behaves the same way behind this
 
 from __future__ import annotations
 
+import gc
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -97,3 +99,52 @@ class ChatBackend(ABC):
 
     def release(self) -> None:  # noqa: B027 (optional hook: a backend with nothing to free keeps it)
         """Free the model's memory; the backend may load again on next use."""
+
+
+class LazyModelBackend(ChatBackend):
+    """A backend whose model loads on first use and can be released; shared safely between threads.
+
+    Subclasses implement `_load()` (returning an object with at least a `chat_format`) and
+    `_encode(loaded, text)`. A reply under way keeps its own reference to what was loaded, so `release()`
+    never pulls a model from under it.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._loaded = None
+
+    @abstractmethod
+    def _load(self): ...
+
+    @abstractmethod
+    def _encode(self, loaded, text: str) -> list[int]: ...
+
+    def _model(self):
+        loaded = self._loaded
+        if loaded is None:
+            with self._lock:
+                if self._loaded is None:
+                    self._loaded = self._load()
+                loaded = self._loaded
+        return loaded
+
+    def release(self) -> None:
+        with self._lock:
+            released, self._loaded = self._loaded, None
+        if released is not None:
+            del released
+            gc.collect()
+            import torch  # only here: the contract itself does not need torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    @property
+    def role_markers(self) -> tuple[str, ...]:
+        return self._model().chat_format.stop_strings
+
+    def format_chat(self, messages: list[dict]) -> str:
+        return self._model().chat_format.render(messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(self._model(), text)

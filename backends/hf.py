@@ -18,7 +18,6 @@ the stream.
 
 from __future__ import annotations
 
-import gc
 import threading
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from backends.base import ChatBackend, GenerationConfig
+from backends.base import GenerationConfig, LazyModelBackend
 from backends.hf_loading import ModelSource, load_model_and_tokenizer, resolve_source
 from backends.reply import ReplyStream, as_generation_config, check_prompt_fits, emit_until_stop
 from backends.stops import StopMatcher
@@ -67,15 +66,14 @@ class _Loaded:
     context_length: int
 
 
-class HFBackend(ChatBackend):
+class HFBackend(LazyModelBackend):
     def __init__(self, model: str | None = None, gguf_file: str | None = None, device: str | None = None,
                  dtype: str | None = None, name: str = "hf"):
         self.name = name
         self.source: ModelSource = resolve_source(model, gguf_file)  # local paths checked now
         self.device = device
         self.dtype = dtype
-        self._lock = threading.Lock()
-        self._loaded: _Loaded | None = None
+        super().__init__()
 
     def _load(self) -> _Loaded:
         device = pick_device(self.device)
@@ -92,23 +90,6 @@ class HFBackend(ChatBackend):
         return _Loaded(model, tokenizer, _TextDecoder(tokenizer), chat_format, _stop_ids(model, tokenizer),
                        int(context))
 
-    def _model(self) -> _Loaded:
-        loaded = self._loaded
-        if loaded is None:
-            with self._lock:
-                if self._loaded is None:
-                    self._loaded = self._load()
-                loaded = self._loaded
-        return loaded
-
-    def release(self) -> None:
-        with self._lock:
-            released, self._loaded = self._loaded, None
-        if released is not None:
-            del released
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
 
     @property
     def model_name(self) -> str:
@@ -118,18 +99,9 @@ class HFBackend(ChatBackend):
     def context_length(self) -> int:
         return self._model().context_length
 
-    @property
-    def role_markers(self) -> tuple[str, ...]:
-        return self._model().chat_format.stop_strings
 
-    def format_chat(self, messages: list[dict]) -> str:
-        return self._model().chat_format.render(messages)
 
-    def encode(self, text: str) -> list[int]:
-        return self._encode(self._model(), text)
-
-    @staticmethod
-    def _encode(loaded: _Loaded, text: str) -> list[int]:
+    def _encode(self, loaded: _Loaded, text: str) -> list[int]:
         split = not loaded.chat_format.uses_template
         return list(loaded.tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"])
 

@@ -13,14 +13,10 @@ while replies already under way finish on the model they started with.
 
 from __future__ import annotations
 
-import gc
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from backends.base import BackendError, ChatBackend
+from backends.base import BackendError, LazyModelBackend
 from backends.reply import ReplyStream, as_generation_config, check_prompt_fits, emit_until_stop
 from gpt.chat_format import ChatFormat
 from gpt.checkpoint import CheckpointError, load_checkpoint, native_models_dir, resolve_checkpoint
@@ -47,15 +43,14 @@ def _checkpoint_spec(checkpoint) -> str:
     return str(checkpoint)
 
 
-class NativeBackend(ChatBackend):
+class NativeBackend(LazyModelBackend):
     def __init__(self, checkpoint: str = "latest", device: str | None = None, dtype: str | None = None,
                  name: str = "native"):
         self.name = name
         self.checkpoint = _checkpoint_spec(checkpoint)
         self.device = device
         self.dtype = dtype
-        self._lock = threading.Lock()
-        self._loaded: _Loaded | None = None
+        super().__init__()
         self._resolve()  # fail now, with what to do, rather than at the first message
 
     def _resolve(self) -> Path:
@@ -73,30 +68,12 @@ class NativeBackend(ChatBackend):
             raise BackendError(str(e)) from None
         return _Loaded(Engine(model), tokenizer, ChatFormat.for_tokenizer(tokenizer), path, meta)
 
-    def _model(self) -> _Loaded:
-        loaded = self._loaded
-        if loaded is None:
-            with self._lock:
-                if self._loaded is None:
-                    self._loaded = self._load()
-                loaded = self._loaded
-        return loaded
-
     def reload(self) -> Path:
         """Resolve the checkpoint spec again (`latest` may be newer now) and load it; returns its path."""
         loaded = self._load()
         with self._lock:
             self._loaded = loaded
         return loaded.path
-
-    def release(self) -> None:
-        with self._lock:
-            released, self._loaded = self._loaded, None
-        if released is not None:
-            del released  # replies under way keep their own reference and finish first
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
 
     @property
     def model_name(self) -> str:
@@ -106,18 +83,9 @@ class NativeBackend(ChatBackend):
     def context_length(self) -> int:
         return self._model().engine.context_length
 
-    @property
-    def role_markers(self) -> tuple[str, ...]:
-        return self._model().chat_format.stop_strings
 
-    def format_chat(self, messages: list[dict]) -> str:
-        return self._model().chat_format.render(messages)
 
-    def encode(self, text: str) -> list[int]:
-        return self._encode(self._model(), text)
-
-    @staticmethod
-    def _encode(loaded: _Loaded, text: str) -> list[int]:
+    def _encode(self, loaded: _Loaded, text: str) -> list[int]:
         # A template's prompt carries real special tokens (message contents were escaped when rendering);
         # the plain format never does, so a user typing <|endoftext|> stays text.
         if loaded.chat_format.uses_template:
