@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 
 
 class StopMatcher:
+    """Cuts a stream of text before the first (earliest-starting) occurrence of any stop string."""
+
     def __init__(self, stops: Iterable[str]):
         self.stops = tuple(s for s in stops if s)
         self._pending = ""
@@ -23,19 +25,33 @@ class StopMatcher:
         if not self.stops:
             self._pending = ""
             return text
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        cut = _first_stop(text, self.stops)
+        # Where a stop string may still be forming at the end of the text: nothing from there on is safe yet.
+        forming = len(text) - max(_overlap(text, s) for s in self.stops)
+        if cut >= 0 and cut <= forming:
             self.stopped = True
             self._pending = ""
             return text[:cut]
-        hold = max((_overlap(text, s) for s in self.stops), default=0)
-        self._pending = text[len(text) - hold:] if hold else ""
-        return text[:len(text) - hold]
+        # Either no stop yet, or one was found but a stop that starts earlier may still complete ("a" seen
+        # inside a forming "Ua\n"): hold back from where that one starts and decide on more text.
+        self._pending = text[forming:]
+        return text[:forming]
 
     def flush(self) -> str:
-        """At the end of generation: whatever was held back was not a stop string after all."""
-        out, self._pending = ("" if self.stopped else self._pending), ""
-        return out
+        """At the end of generation: release what was held back, up to a stop string it holds."""
+        if self.stopped:
+            return ""
+        text, self._pending = self._pending, ""
+        cut = _first_stop(text, self.stops)
+        if cut >= 0:
+            self.stopped = True
+            return text[:cut]
+        return text
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Start of the earliest stop string in `text`, or -1."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
 
 
 def _overlap(text: str, stop: str) -> int:

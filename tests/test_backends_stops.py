@@ -68,7 +68,14 @@ def test_piece_stream_stops_pulling_once_the_stop_is_seen():
     assert pulled == ["a", "bS", "TOPc"]
 
 
-ALPHABET = "ab:\nU"
+def test_a_stop_inside_a_longer_one_that_started_earlier_waits_for_it():
+    # "a" completes first, but "Ua\n" started one character earlier: the reply ends before "U".
+    assert _run(["U", "U", "UUUbUa", "\n"], ["a", "Ua\n"]) == "UUUUUb"
+    # The longer one never completes: the reply ends before "a" after all (decided at the end).
+    assert _run(["xU", "a"], ["a", "Ua\n"]) == "xU"
+
+
+ALPHABET = "ab:\nU"  # few letters: stop strings overlap and nest often
 
 
 @settings(max_examples=400, deadline=None)
