@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -91,6 +92,9 @@ class LiveApp:
         return [r for r in self.log_lines() if r.get("type") == "feedback"]
 
 
+_WORD = re.compile(r"[A-Za-z0-9]+")
+
+
 class SlowStream:
     """Wraps a real backend so each streamed piece takes a while: long enough to press Stop mid-reply."""
 
@@ -113,7 +117,10 @@ class SlowStream:
         try:
             for piece in pieces:
                 time.sleep(SlowStream.delay)
-                yield piece
+                # The tiny random model samples any of GPT-2's tokens; markdown, HTML or runs of spaces
+                # among them would render differently from the logged text, so tests that compare the two
+                # get plain words, one space apart.
+                yield "".join(" " + word for word in _WORD.findall(piece))
         finally:
             pieces.close()
             with SlowStream._lock:
