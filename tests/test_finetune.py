@@ -25,6 +25,7 @@ from training_fixtures import (
     fact_log_records,
     greedy_reply,
     make_template_checkpoint,
+    one_thread,  # noqa: F401 (autouse: one torch thread)
     write_log,
 )
 
@@ -36,14 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 FAST = ["--lr", "3e-3", "--min-lr", "3e-4", "--warmup-iters", "10", "--eval-iters", "4", "--batch-size", "8",
         "--block-size", "128", "--no-progress", "--config", str(REPO / "configs" / "finetune.toml")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sha256(path: Path) -> str:

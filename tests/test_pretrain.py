@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from training_fixtures import one_thread  # noqa: F401 (autouse: one torch thread)
 
 from gpt.checkpoint import load_checkpoint
 from gpt.engine import Engine
@@ -17,14 +17,6 @@ from training.pretrain import main
 
 TEXT = ("Once upon a time a small robot lived in a lighthouse. Every night it polished the great lamp, "
         "and every morning it counted the ships that had passed safely. ") * 60
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",

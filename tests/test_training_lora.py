@@ -7,19 +7,16 @@ import json
 
 import pytest
 import torch
-from training_fixtures import fact_log_records, make_template_checkpoint, write_log
+from training_fixtures import (
+    fact_log_records,
+    make_template_checkpoint,
+    one_thread,  # noqa: F401 (autouse: one torch thread)
+    write_log,
+)
 
 from gpt.checkpoint import load_checkpoint
 from training.finetune import main
 from training.lora import LoRALinear, apply_lora, merged_copy
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from gpt.chat_format import ChatFormat
@@ -92,3 +93,12 @@ def greedy_reply(checkpoint, question: str, max_new_tokens: int = 24) -> str:
     ids = tokenizer.encode_markup(prompt) if fmt.uses_template else tokenizer.encode(prompt)
     out = Engine(model).generate(ids, max_new_tokens, SamplingParams(temperature=0), stop_ids=tokenizer.stop_ids)
     return tokenizer.decode(list(out))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Training tests run on one torch thread: on 2 shared cores, two threads mostly wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
