@@ -39,11 +39,12 @@ class ChatService:
         self.log_path = log_path
 
     def stream(self, key: str, history: list[dict], message: str, cfg, system_prompt: str | None,
-               conversation_id: str) -> Iterator[tuple]:
-        """(ChatUpdate, context_length) pairs of one reply; the exchange is logged by `respond`."""
+               conversation_id: str, log: bool = True) -> Iterator[tuple]:
+        """(ChatUpdate, context_length) pairs of one reply; the exchange is logged by `respond` if `log`."""
         with self.slots.use(key) as backend:
             for update in respond(backend, history, message, cfg, system_prompt=system_prompt or None,
-                                  log=self.log, backend_key=key, conversation_id=conversation_id):
+                                  log=self.log if log else None, backend_key=key,
+                                  conversation_id=conversation_id):
                 yield update, backend.context_length
 
     def stats_text(self) -> str:
