@@ -24,6 +24,8 @@ from chatapp.budget import Prompt, build_prompt
 from chatapp.history import ChatLog
 from gpt.chat_format import message_text
 
+GENERATE_LIMIT = 8  # replies streamed at once by each edge (the UI's queue, the /v1 API); one model serves all
+
 
 @dataclass
 class ChatUpdate:

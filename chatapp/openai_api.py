@@ -33,13 +33,12 @@ from starlette.routing import Route
 
 from backends import BackendError
 from backends.base import GenerationConfig
-from chatapp.chat import new_conversation_id
+from chatapp.chat import GENERATE_LIMIT, new_conversation_id
 from chatapp.history import ChatLogError
 from gpt.chat_format import message_text
 
 log = logging.getLogger(__name__)
 
-GENERATE_LIMIT = 8  # replies streamed at once through /v1, as the UI's own concurrency group allows
 QUEUE_LIMIT = 64  # requests waiting for a turn before new ones are refused with 429
 API_KEYS_ENV = "NANOGPT_CHAT_API_KEYS"  # comma-separated keys; or a file of keys, one a line (--api-key-file)
 REFUSED = {  # OpenAI parameters this app cannot honour, and what to do instead

@@ -14,13 +14,13 @@ from collections.abc import Iterator
 import gradio as gr
 
 from backends.registry import generation_defaults
-from chatapp.chat import respond
+from chatapp.chat import GENERATE_LIMIT, respond
 from chatapp.history import ChatLog, ChatLogError
 from chatapp.model_slot import ModelSlots
 from chatapp.ui_controls import stats_text
 
 GENERATE = "generate"  # concurrency group shared by the UI's replies and the /chat API
-GENERATE_LIMIT = 8  # replies streamed at once; one loaded model serves them all
+__all__ = ["GENERATE", "GENERATE_LIMIT", "ChatService", "user_error"]
 
 
 class ChatService:

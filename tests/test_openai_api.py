@@ -6,25 +6,32 @@ transformers forms) on a loopback port; the `openai` backend chats through that 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import time
 
 import httpx
 import openai
 import pytest
-from live_server import LiveApp, write_tiny_config
+from live_server import LiveApp, SlowStream, free_port, write_tiny_config
 
 from backends import BackendError, GenerationConfig, create_backend
-from chatapp.openai_api import ApiAccess
+from chatapp import openai_api
+from chatapp.openai_api import ApiAccess, ApiError
 
 HI = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_native_ckpt, tiny_gpt2_hf_dir):
+    """One app for the module; its third backend, "slow", is the native one with each piece slowed down."""
     directory = tmp_path_factory.mktemp("openai-api")
-    config = write_tiny_config(directory, tiny_native_ckpt, tiny_gpt2_hf_dir)
+    slow = f'[backends.slow]\nkind = "native"\ncheckpoint = {json.dumps(str(tiny_native_ckpt))}\n'
+    config = write_tiny_config(directory, tiny_native_ckpt, tiny_gpt2_hf_dir, extra=slow)
     with LiveApp(config, directory / "chat_history.jsonl") as live:
+        live.service.slots.factory = lambda key, config: (
+            SlowStream(create_backend(key, config)) if key == "slow" else create_backend(key, config))
         yield live
 
 
@@ -40,7 +47,7 @@ def client(server):
 
 
 def test_models_lists_the_configured_backends(client):
-    assert [m.id for m in client.models.list().data] == ["native", "hf"]
+    assert [m.id for m in client.models.list().data] == ["native", "hf", "slow"]
     assert client.models.retrieve("hf").id == "hf"
 
 
@@ -93,7 +100,7 @@ def test_a_stop_string_ends_the_reply_without_appearing_in_it(client):
 
 
 @pytest.mark.parametrize(("request_body", "status", "says"), [
-    (dict(model="nope", messages=HI), 404, "The model 'nope' does not exist here: use one of native, hf."),
+    (dict(model="nope", messages=HI), 404, "The model 'nope' does not exist here: use one of native, hf, slow."),
     (dict(model="native", messages=[]), 400, "messages must be a non-empty list"),
     (dict(model="native", messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role must be"),
     (dict(model="native", messages=[{"role": "assistant", "content": "x"}]), 400, "The last message must be"),
@@ -156,11 +163,12 @@ def test_api_keys_come_from_the_environment_and_a_key_file(tmp_path, monkeypatch
         ApiAccess.load(tmp_path / "missing")
 
 
-def test_sixteen_concurrent_streams_all_complete_and_each_is_logged_once(app):
+def test_sixteen_concurrent_streams_queue_for_their_turn_all_complete_and_are_each_logged_once(app):
+    SlowStream.delay, SlowStream.most_at_once = 0.05, 0  # replies long enough to overlap
     results: dict[int, str] = {}
 
     def ask(i: int) -> None:
-        body = dict(model="native", stream=True, seed=i, messages=[{"role": "user", "content": f"Question {i}"}])
+        body = dict(model="slow", stream=True, seed=i, messages=[{"role": "user", "content": f"Question {i}"}])
         with httpx.stream("POST", app.url + "/v1/chat/completions", json=body, timeout=120) as response:
             assert response.status_code == 200
             events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
@@ -174,8 +182,44 @@ def test_sixteen_concurrent_streams_all_complete_and_each_is_logged_once(app):
     for t in threads:
         t.join()
     assert sorted(results) == list(range(16))
+    assert SlowStream.most_at_once == openai_api.GENERATE_LIMIT  # the rest waited their turn: no 429
     logged = {e["user"]: e["assistant"] for e in app.exchanges()}
     assert len(app.exchanges()) == 16 and logged == {f"Question {i}": results[i] for i in range(16)}
+
+
+def test_a_client_that_hangs_up_mid_stream_stops_the_model_and_its_partial_reply_is_logged_once(app):
+    SlowStream.delay = 0.1
+    body = dict(model="slow", stream=True, max_tokens=30, messages=[{"role": "user", "content": "Tell me more"}])
+    with httpx.stream("POST", app.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        received = []
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                received.append(json.loads(line[6:]))
+            if len(received) == 3:  # the role chunk and two pieces of text: now hang up
+                break
+    assert received[0]["choices"][0]["delta"]["role"] == "assistant"
+    seen = "".join(c["choices"][0]["delta"].get("content", "") for c in received)
+    deadline = time.monotonic() + 10
+    while (SlowStream.active or not app.exchanges()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [exchange] = app.exchanges()
+    assert SlowStream.active == 0 and exchange["user"] == "Tell me more"
+    assert exchange["assistant"].startswith(seen.strip()) and len(exchange["assistant"].split()) < 30
+
+
+def test_past_the_waiting_limit_a_request_gets_429_instead_of_a_turn(monkeypatch):
+    monkeypatch.setattr(openai_api, "QUEUE_LIMIT", 0)
+    turns = openai_api._Turns()
+
+    async def fill_then_one_more():
+        for _ in range(openai_api.GENERATE_LIMIT):
+            await turns.acquire()
+        with pytest.raises(ApiError) as caught:
+            await turns.acquire()
+        return caught.value
+
+    refused = asyncio.run(fill_then_one_more())
+    assert refused.status == 429 and "retry in a few seconds" in refused.message
 
 
 def test_the_openai_backend_kind_chats_through_the_apps_own_api(app, client):
@@ -207,11 +251,9 @@ def test_the_openai_backend_through_the_chat_loop_keeps_the_budget_and_the_log(a
 
 
 def test_the_openai_backend_says_what_to_do_when_the_server_or_model_is_wrong(app, monkeypatch):
-    from live_server import free_port
-
     with pytest.raises(BackendError, match="Cannot reach the OpenAI-compatible server .* start it, or fix base_url"):
         create_backend("openai", base_url=f"http://127.0.0.1:{free_port()}/v1", model="x").load()
-    with pytest.raises(BackendError, match="does not serve model 'x' \\(it serves: native, hf\\)"):
+    with pytest.raises(BackendError, match="does not serve model 'x' \\(it serves: native, hf, slow\\)"):
         create_backend("openai", base_url=app.url + "/v1", model="x").load()
     monkeypatch.setenv("WRONG_KEY", "nope")
     app.demo.api_access.keys = frozenset({"k-right"})
