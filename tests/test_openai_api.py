@@ -262,3 +262,17 @@ def test_the_openai_backend_says_what_to_do_when_the_server_or_model_is_wrong(ap
             create_backend("openai", base_url=app.url + "/v1", model="native", api_key_env="WRONG_KEY").load()
     finally:
         app.demo.api_access.keys = frozenset()
+
+
+@pytest.mark.slow
+def test_the_official_client_chats_with_the_bundled_model_plain_and_streamed_alike(tmp_path):
+    """The real config (what `make run` serves): SmolLM2 through its native conversion, as `make setup` left it."""
+    with LiveApp(None, tmp_path / "log.jsonl") as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused-on-loopback", max_retries=0)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        sampled = dict(model="native", messages=question, temperature=0.8, seed=42, max_tokens=16)
+        plain = client.chat.completions.create(**sampled).choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            **sampled, stream=True) if c.choices)
+        assert streamed == plain and len(plain.split()) >= 3
+        assert [e["assistant"] for e in live.exchanges()] == [plain, plain]
