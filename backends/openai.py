@@ -12,7 +12,7 @@ shape only so the budget can count them, and `stream(prompt)` turns such a rende
 
 Context length: the `context_length` option, else what the server's /v1/models reports for the model
 (vLLM's and this app's `max_model_len`, llama.cpp's `meta.n_ctx_train`, or `context_length`), else
-DEFAULT_CONTEXT. Token counts are an estimate, not the server's tokenizer: GPT-2's BPE over the ChatML
+DEFAULT_CONTEXT (also for a server with no /v1/models, such as older TGI). Token counts are an estimate, not the server's tokenizer: GPT-2's BPE over the ChatML
 rendering (whose markers count ~15 tokens a message where real templates spend ~5), and the budget keeps
 BUDGET_SHARE of the context, leaving the rest as slack for tokenizers that split text finer than GPT-2's.
 Sampling: max_tokens, temperature, top_p, seed and stop are sent; top_k and repetition_penalty are not
@@ -80,11 +80,10 @@ class OpenAIBackend(ChatBackend):
                                             timeout=httpx.Timeout(self.timeout, connect=10.0))
             return self._client
 
-    def _request(self, method: str, path: str, **kwargs):
-        """A response from the server, or BackendError saying what to do; the caller closes a stream."""
+    def _request(self, method: str, path: str, stream: bool = False, missing_ok: bool = False, **kwargs):
+        """A response from the server (None for a 404 if `missing_ok`), or BackendError saying what to do."""
         import httpx
 
-        stream = kwargs.pop("stream", False)
         client = self._http()
         try:
             request = client.build_request(method, path, **kwargs)
@@ -93,6 +92,9 @@ class OpenAIBackend(ChatBackend):
             raise BackendError(f"Cannot reach the OpenAI-compatible server at {self.base_url} "
                                f"({type(exc).__name__}: {exc}): start it, or fix base_url of backend "
                                f"{self.name!r} in configs/app.toml.") from None
+        if response.status_code == 404 and missing_ok:
+            response.close()
+            return None
         if response.status_code >= 400:
             response.read()
             response.close()
@@ -118,11 +120,19 @@ class OpenAIBackend(ChatBackend):
     @property
     def context_length(self) -> int:
         if self._context is None:
-            self._context = self._reported_context() or DEFAULT_CONTEXT
+            self.load()
         return int(self._context * BUDGET_SHARE)
 
+    def load(self) -> None:
+        """Check now that the server answers and serves the model (the app calls this when it is chosen)."""
+        reported = self._reported_context()
+        if self._context is None:
+            self._context = reported or DEFAULT_CONTEXT
+
     def _reported_context(self) -> int | None:
-        response = self._request("GET", "/models")
+        response = self._request("GET", "/models", missing_ok=True)
+        if response is None:  # a server without a model list (older TGI): nothing to check or read
+            return None
         try:
             models = response.json().get("data", [])
         except (ValueError, AttributeError):
@@ -138,10 +148,6 @@ class OpenAIBackend(ChatBackend):
             if isinstance(value, int) and value > 1:
                 return value
         return None
-
-    def load(self) -> None:
-        """Check the server and the model now (the app calls this when the backend is chosen)."""
-        _ = self.context_length
 
     def release(self) -> None:
         with self._lock:

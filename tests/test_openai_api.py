@@ -163,6 +163,21 @@ def test_api_keys_come_from_the_environment_and_a_key_file(tmp_path, monkeypatch
         ApiAccess.load(tmp_path / "missing")
 
 
+def test_launch_requires_api_keys_off_loopback_and_reads_them_from_a_file(tmp_path, capsys, tiny_native_ckpt,
+                                                                          tiny_gpt2_hf_dir):
+    import launch
+
+    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir)
+    (tmp_path / "keys").write_text("k1\n")
+    common = ["--port", str(free_port()), "--config", str(config), "--history", str(tmp_path / "log.jsonl")]
+    exposed = launch.build(launch.parse_args([*common, "--host", "0.0.0.0", "--auth", "a:b",
+                                              "--api-key-file", str(tmp_path / "keys")]))
+    assert exposed.api_access == ApiAccess(frozenset({"k1"}), required=True)
+    assert launch.build(launch.parse_args(common)).api_access == ApiAccess(frozenset(), required=False)
+    assert launch.main([*common, "--api-key-file", str(tmp_path / "missing")]) == 2
+    assert "Cannot read the API key file" in capsys.readouterr().err
+
+
 def test_sixteen_concurrent_streams_queue_for_their_turn_all_complete_and_are_each_logged_once(app):
     SlowStream.delay, SlowStream.most_at_once = 0.05, 0  # replies long enough to overlap
     results: dict[int, str] = {}
