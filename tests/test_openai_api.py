@@ -291,3 +291,20 @@ def test_the_official_client_chats_with_the_bundled_model_plain_and_streamed_ali
             **sampled, stream=True) if c.choices)
         assert streamed == plain and len(plain.split()) >= 3
         assert [e["assistant"] for e in live.exchanges()] == [plain, plain]
+
+
+def test_with_log_api_off_api_exchanges_stay_out_of_the_chat_log(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir):
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from backends.registry import load_config
+    from chatapp.openai_api import openai_routes
+    from chatapp.ui_service import ChatService
+
+    config = load_config(write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir))
+    config["app"]["log_api"] = False
+    service = ChatService(config, tmp_path / "log.jsonl")
+    with TestClient(Starlette(routes=openai_routes(service, ApiAccess()))) as http:
+        response = http.post("/v1/chat/completions", json=dict(model="native", messages=HI, max_tokens=2))
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
+    assert not (tmp_path / "log.jsonl").exists() or (tmp_path / "log.jsonl").read_text() == ""
