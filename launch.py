@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"nanogpt-chat is running at {demo.local_url} (backend {service.default_backend} is loading in the "
           f"background; chat log {service.log_path}); OpenAI-compatible API at {demo.local_url}v1. Press Ctrl-C "
           "to stop it.", flush=True)
+    if demo.api_access.required and not demo.api_access.keys:
+        print("The /v1 API refuses every request until it has keys: restart with NANOGPT_CHAT_API_KEYS=KEY or "
+              "--api-key-file FILE.", flush=True)
     if demo.share_url:
         print(f"Public link: {demo.share_url}", flush=True)
     demo.block_thread()
