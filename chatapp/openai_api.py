@@ -239,10 +239,11 @@ class _Turns:
     def __init__(self):
         self.waiting = 0
         self._semaphore: asyncio.Semaphore | None = None
+        self._loop = None
 
     async def acquire(self) -> None:
-        if self._semaphore is None:  # made on the server's event loop, at first use
-            self._semaphore = asyncio.Semaphore(GENERATE_LIMIT)
+        if self._loop is not asyncio.get_running_loop():  # made on the server's loop (a relaunch has a new one)
+            self._semaphore, self._loop = asyncio.Semaphore(GENERATE_LIMIT), asyncio.get_running_loop()
         if self._semaphore.locked() and self.waiting >= QUEUE_LIMIT:
             raise ApiError(429, f"{GENERATE_LIMIT} replies are being generated and {QUEUE_LIMIT} more are waiting: "
                                 "retry in a few seconds.", code="rate_limit_exceeded")

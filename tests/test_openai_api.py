@@ -266,6 +266,8 @@ def test_the_openai_backend_through_the_chat_loop_keeps_the_budget_and_the_log(a
 
 
 def test_the_openai_backend_says_what_to_do_when_the_server_or_model_is_wrong(app, monkeypatch):
+    with pytest.raises(BackendError, match="needs base_url .* and model"):
+        create_backend("openai", model="x")
     with pytest.raises(BackendError, match="Cannot reach the OpenAI-compatible server .* start it, or fix base_url"):
         create_backend("openai", base_url=f"http://127.0.0.1:{free_port()}/v1", model="x").load()
     with pytest.raises(BackendError, match="does not serve model 'x' \\(it serves: native, hf, slow\\)"):
