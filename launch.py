@@ -3,6 +3,7 @@
     python launch.py                                   # http://127.0.0.1:7860, the config's default backend
     python launch.py --backend native --port 8000
     python launch.py --host 0.0.0.0 --auth alice:s3cret # reachable from other machines, behind a password
+    NANOGPT_CHAT_API_KEYS=k1 python launch.py --host 0.0.0.0 --auth alice:s3cret  # ...and /v1 behind a key
 
 The page is up in a few seconds: the default backend loads in a background thread and the UI shows its
 status. Gradio's analytics are off. A bad flag prints one sentence and exits with status 2.
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback --host (or --share) without --auth")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="keys for the OpenAI-compatible /v1 API, one a line (also: $NANOGPT_CHAT_API_KEYS, "
+                        "comma-separated); with keys, /v1 needs 'Authorization: Bearer KEY'. Loopback apps "
+                        "without keys leave /v1 open; reachable ones refuse it until keys are set")
     args = p.parse_args(argv)
     check_flags(args)
     return args
@@ -89,6 +94,7 @@ def build(args: argparse.Namespace):
     from backends import BackendError
     from backends.registry import load_config
     from chatapp.history import ChatLog, ChatLogError
+    from chatapp.openai_api import ApiAccess
     from chatapp.ui import build_app
 
     try:
@@ -98,8 +104,11 @@ def build(args: argparse.Namespace):
     app = config.get("app") or {}
     history = args.history or app.get("history") or "chat_history.jsonl"
     try:
+        # Reachable from other machines behind a login: the API needs keys too (--insecure-no-auth opts out).
+        access = ApiAccess.load(args.api_key_file, required=(not is_loopback(args.host) or args.share)
+                                and not args.insecure_no_auth)
         ChatLog(history).check_writable()
-        return build_app(config, history, args.backend)
+        return build_app(config, history, args.backend, api_access=access)
     except (BackendError, ValueError, ChatLogError) as exc:
         raise FlagError(str(exc)) from None
 
@@ -116,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                 show_error=False, quiet=True, footer_links=["api", "settings"], prevent_thread_lock=True)
     service.slots.load_in_background(service.default_backend)  # after the server is up: the page never waits
     print(f"nanogpt-chat is running at {demo.local_url} (backend {service.default_backend} is loading in the "
-          f"background; chat log {service.log_path}). Press Ctrl-C to stop it.", flush=True)
+          f"background; chat log {service.log_path}); OpenAI-compatible API at {demo.local_url}v1. Press Ctrl-C "
+          "to stop it.", flush=True)
+    if demo.api_access.required and not demo.api_access.keys:
+        print("The /v1 API refuses every request until it has keys: restart with NANOGPT_CHAT_API_KEYS=KEY or "
+              "--api-key-file FILE.", flush=True)
     if demo.share_url:
         print(f"Public link: {demo.share_url}", flush=True)
     demo.block_thread()

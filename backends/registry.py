@@ -4,7 +4,8 @@
     list_backends()                                   # [{"key": "smollm2", "label": ..., "kind": "hf"}, ...]
     backend = create_backend("smollm2")               # a configured key
     backend = create_backend("native", checkpoint="models/native/my-run")   # options override the config
-    backend = create_backend("hf", model="gpt2")      # a bare kind: native or hf
+    backend = create_backend("hf", model="gpt2")      # a bare kind: native, hf or openai
+    backend = create_backend("openai", base_url="http://127.0.0.1:8000/v1", model="m")  # any OpenAI-style server
 
 The config file is `path`, else $NANOGPT_CHAT_CONFIG, else configs/app.toml of this repository.
 Backend classes are imported only when built, so the native path never imports transformers.
@@ -25,7 +26,7 @@ from backends.base import BackendError, ChatBackend, GenerationConfig
 from gpt.assets import REPO_ROOT
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "app.toml"
-KINDS = ("native", "hf")
+KINDS = ("native", "hf", "openai")
 
 
 def config_path(path: str | os.PathLike | None = None) -> Path:
@@ -104,4 +105,8 @@ def backend_class(kind: str) -> type[ChatBackend]:
         from backends.hf import HFBackend
 
         return HFBackend
+    if kind == "openai":
+        from backends.openai import OpenAIBackend
+
+        return OpenAIBackend
     raise BackendError(f"Unknown backend kind {kind!r}: use one of {', '.join(KINDS)}.")

@@ -3,6 +3,7 @@
     from chatapp.budget import build_prompt
     p = build_prompt(backend, messages, max_new_tokens=128, system_prompt="You are helpful.")
     p.text; p.n_tokens; p.dropped; p.truncated   # p.n_tokens + 128 <= backend.context_length
+    p.messages                                    # the kept messages, for a backend that takes messages
 
 Rules, in order:
 1. the system prompt and the newest user message always stay;
@@ -30,6 +31,9 @@ class Prompt:
     n_tokens: int  # len(backend.encode(text))
     dropped: int  # how many older messages were left out to make room
     truncated: bool  # the newest message lost its beginning
+    # What `text` renders, as plain {"role", "content"} messages: a backend with `takes_messages` is sent these
+    # (the server applies its own chat template), while the budget counted their rendering.
+    messages: tuple[dict, ...] = ()
 
 
 def build_prompt(backend, messages: list[dict], max_new_tokens: int, system_prompt: str | None = None) -> Prompt:
@@ -48,15 +52,20 @@ def build_prompt(backend, messages: list[dict], max_new_tokens: int, system_prom
     turns = _turns(history)
 
     measured: dict[tuple[int, int], tuple[str, int]] = {}
+    sent: dict[tuple[int, int], tuple[dict, ...]] = {}
 
     def measure(drop: int, keep: int) -> tuple[str, int]:
         """Prompt without the `drop` oldest turns and with the last `keep` characters of the newest message."""
         if (drop, keep) not in measured:
             kept = [m for turn in turns[drop:] for m in turn]
             last = newest[len(newest) - keep:] if keep else ""
-            text = backend.format_chat(head + kept + [{"role": "user", "content": last}])
+            sent[drop, keep] = (*head, *kept, {"role": "user", "content": last})
+            text = backend.format_chat(list(sent[drop, keep]))
             measured[drop, keep] = text, len(backend.encode(text))
         return measured[drop, keep]
+
+    def prompt(drop: int, keep: int, dropped: int, truncated: bool) -> Prompt:
+        return Prompt(*measure(drop, keep), dropped=dropped, truncated=truncated, messages=sent[drop, keep])
 
     def fits(drop: int, keep: int) -> bool:
         return measure(drop, keep)[1] <= limit
@@ -64,13 +73,13 @@ def build_prompt(backend, messages: list[dict], max_new_tokens: int, system_prom
     whole = len(newest)
     # Fast path: the whole conversation fits (one encode).
     if fits(0, whole):
-        return Prompt(*measure(0, whole), dropped=0, truncated=False)
+        return prompt(0, whole, 0, False)
 
     # Drop whole turns, oldest first: the fewest dropped turns that fit (bisection; every answer it can
     # return was measured to fit, so the invariant holds even where token counts are not monotone).
     if turns and fits(len(turns), whole):
         drop = _first_true(1, len(turns), lambda k: fits(k, whole))
-        return Prompt(*measure(drop, whole), dropped=sum(len(t) for t in turns[:drop]), truncated=False)
+        return prompt(drop, whole, sum(len(t) for t in turns[:drop]), False)
 
     # Even the newest message alone is too long: keep as much of its end as fits.
     if not fits(len(turns), 0):
@@ -82,7 +91,7 @@ def build_prompt(backend, messages: list[dict], max_new_tokens: int, system_prom
     if keep == 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for your message in the model's context "
                          f"of {context} tokens: lower max_new_tokens or shorten the system prompt.")
-    return Prompt(*measure(len(turns), keep), dropped=len(history), truncated=True)
+    return prompt(len(turns), keep, len(history), True)
 
 
 def _split(messages: list[dict], system_prompt: str | None) -> tuple[str | None, list[dict], str]:

@@ -24,6 +24,8 @@ from chatapp.budget import Prompt, build_prompt
 from chatapp.history import ChatLog
 from gpt.chat_format import message_text
 
+GENERATE_LIMIT = 8  # replies streamed at once by each edge (the UI's queue, the /v1 API); one model serves all
+
 
 @dataclass
 class ChatUpdate:
@@ -32,6 +34,10 @@ class ChatUpdate:
     prompt: Prompt  # from build_prompt (n_tokens, dropped, truncated) for the context meter
     conversation_id: str
     turn: int  # 0-based index of this exchange in its conversation
+    # Set on the final update: "stop" (end of text or a stop string) or "length" (max_new_tokens or a full
+    # context), and how many tokens the reply took (the backend's count, else the reply re-encoded).
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
 
 
 def new_conversation_id() -> str:
@@ -75,9 +81,21 @@ def respond(backend, messages: list[dict], message: str, cfg: GenerationConfig, 
                                 system_prompt=system_prompt, config=_config_record(run_cfg))
 
     def update(done: bool) -> ChatUpdate:
-        return ChatUpdate(text=tidy(raw), done=done, prompt=prompt, conversation_id=conversation_id, turn=turn)
+        if not done:
+            return ChatUpdate(text=tidy(raw), done=False, prompt=prompt, conversation_id=conversation_id,
+                              turn=turn)
+        n_tokens = getattr(pieces, "n_tokens", None)
+        reason = "stop" if matcher.stopped else getattr(pieces, "finish_reason", None)
+        return ChatUpdate(text=tidy(raw), done=True, prompt=prompt, conversation_id=conversation_id, turn=turn,
+                          finish_reason="length" if reason == "length" else "stop",
+                          completion_tokens=len(backend.encode(raw)) if n_tokens is None else n_tokens)
 
-    pieces = backend.stream(prompt.text, run_cfg)
+    # A backend that takes messages (a remote server applying its own chat template) gets the kept messages;
+    # the budget counted their rendering all the same.
+    if getattr(backend, "takes_messages", False):
+        pieces = backend.stream_messages(list(prompt.messages), run_cfg)
+    else:
+        pieces = backend.stream(prompt.text, run_cfg)
     failed = False
     try:
         for piece in pieces:

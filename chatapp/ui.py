@@ -21,6 +21,7 @@ import gradio as gr
 from backends import BackendError, GenerationConfig
 from chatapp.chat import new_conversation_id
 from chatapp.history import ChatLogError
+from chatapp.openai_api import ApiAccess, openai_routes
 from chatapp.ui_api import register_api
 from chatapp.ui_controls import build_generation_controls, context_meter, generation_config
 from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService
@@ -44,12 +45,29 @@ def _plain(history: list[dict]) -> list[dict]:
             if m.get("role") in ("user", "assistant")]
 
 
-def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.Blocks:
+class ChatBlocks(gr.Blocks):
+    """gr.Blocks whose server also answers `extra_routes` (the OpenAI-compatible /v1 of chatapp/openai_api.py).
+
+    Gradio builds a fresh FastAPI app in every `launch`; routes given to its constructor come first, so they
+    exist however the app is started (launch.py, tests) and share its port and process.
+    """
+
+    extra_routes: list = []
+
+    def launch(self, *args, app_kwargs: dict | None = None, **kwargs):
+        app_kwargs = dict(app_kwargs or {})
+        app_kwargs["routes"] = [*self.extra_routes, *app_kwargs.get("routes", [])]
+        return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
+
+
+def build_app(config: dict, log_path, default_backend: str | None = None,
+              api_access: ApiAccess | None = None) -> gr.Blocks:
+    """The app; `api_access` says who may call /v1 (default: keys from $NANOGPT_CHAT_API_KEYS, if any)."""
     service = ChatService(config, log_path, default_backend)
     slots = service.slots
     choices = [(slots.label(k), k) for k in slots.keys()]
 
-    with gr.Blocks(title="nanogpt-chat") as demo:
+    with ChatBlocks(title="nanogpt-chat") as demo:
         conversation = gr.State({})  # {"conversation_id": ...}, one per browser session
         gr.Markdown("## nanogpt-chat")
         with gr.Row():
@@ -257,5 +275,7 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
 
     demo.queue(default_concurrency_limit=16)
     demo.chat_service = service  # for launch.py (background preload) and tests
+    demo.api_access = api_access or ApiAccess.load()
+    demo.extra_routes = openai_routes(service, demo.api_access)
     return demo
 

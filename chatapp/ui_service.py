@@ -14,13 +14,13 @@ from collections.abc import Iterator
 import gradio as gr
 
 from backends.registry import generation_defaults
-from chatapp.chat import respond
+from chatapp.chat import GENERATE_LIMIT, respond
 from chatapp.history import ChatLog, ChatLogError
 from chatapp.model_slot import ModelSlots
 from chatapp.ui_controls import stats_text
 
 GENERATE = "generate"  # concurrency group shared by the UI's replies and the /chat API
-GENERATE_LIMIT = 8  # replies streamed at once; one loaded model serves them all
+__all__ = ["GENERATE", "GENERATE_LIMIT", "ChatService", "user_error"]
 
 
 class ChatService:
@@ -39,11 +39,12 @@ class ChatService:
         self.log_path = log_path
 
     def stream(self, key: str, history: list[dict], message: str, cfg, system_prompt: str | None,
-               conversation_id: str) -> Iterator[tuple]:
-        """(ChatUpdate, context_length) pairs of one reply; the exchange is logged by `respond`."""
+               conversation_id: str, log: bool = True) -> Iterator[tuple]:
+        """(ChatUpdate, context_length) pairs of one reply; the exchange is logged by `respond` if `log`."""
         with self.slots.use(key) as backend:
             for update in respond(backend, history, message, cfg, system_prompt=system_prompt or None,
-                                  log=self.log, backend_key=key, conversation_id=conversation_id):
+                                  log=self.log if log else None, backend_key=key,
+                                  conversation_id=conversation_id):
                 yield update, backend.context_length
 
     def stats_text(self) -> str:
