@@ -23,7 +23,7 @@ from chatapp.chat import new_conversation_id
 from chatapp.history import ChatLogError
 from chatapp.ui_api import register_api
 from chatapp.ui_controls import build_generation_controls, context_meter, generation_config
-from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService
+from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService, ReplyBusy
 from gpt.chat_format import message_text
 
 STATUS_POLL_S = 0.5  # how often a loading status line refreshes
@@ -95,10 +95,13 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
             state.setdefault("conversation_id", new_conversation_id())
             stop = stop_requests.setdefault(session, threading.Event())
             stop.clear()
+            try:  # the limits and the key are checked here, before anything loads
+                updates = service.stream(key, _plain(prior), text, cfg, system, state["conversation_id"])
+            except (BackendError, ValueError) as exc:
+                raise ReplyRefused(str(exc)) from None
             if slots.status(key).state != "ready":
                 yield history, state, f"Waiting for {slots.label(key)} to load…", gr.skip()
             shown = [*history, {"role": "assistant", "content": ""}]
-            updates = service.stream(key, _plain(prior), text, cfg, system, state["conversation_id"])
             try:
                 for update, context_length in updates:
                     shown[-1] = {"role": "assistant", "content": update.text}
@@ -128,15 +131,21 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
                     gr.Warning("Type a message first.")
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
-            before = list(history or [])
-            history = [*before, {"role": "user", "content": text}]
-            yield "", history, state, gr.skip(), gr.skip()
+            session = request.session_hash or ""
             try:
-                for out in reply(history, state, key, system, cfg, request.session_hash or ""):
-                    yield "", *out
-            except ReplyRefused as exc:
+                with service.one_reply(session):
+                    before = list(history or [])
+                    history = [*before, {"role": "user", "content": text}]
+                    yield "", history, state, gr.skip(), gr.skip()
+                    try:
+                        for out in reply(history, state, key, system, cfg, session):
+                            yield "", *out
+                    except ReplyRefused as exc:
+                        gr.Warning(str(exc))
+                        yield text, before, gr.skip(), gr.skip(), gr.skip()  # as it was: fix it and send again
+            except ReplyBusy as exc:  # the typed message stays in the box
                 gr.Warning(str(exc))
-                yield text, before, gr.skip(), gr.skip(), gr.skip()  # as it was: fix it and send again
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
         def regenerate(history, state, key, system, max_new_tokens, temperature, top_k, top_p,
                        repetition_penalty, stop, seed, request: gr.Request):
@@ -149,9 +158,11 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
                     gr.Warning("There is no message to answer again yet.")
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
+            session = request.session_hash or ""
             try:
-                yield from reply(history, state, key, system, cfg, request.session_hash or "")
-            except ReplyRefused as exc:
+                with service.one_reply(session):
+                    yield from reply(history, state, key, system, cfg, session)
+            except (ReplyRefused, ReplyBusy) as exc:
                 gr.Warning(str(exc))
 
         def request_stop(request: gr.Request):
