@@ -162,8 +162,11 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
             try:
                 with service.one_reply(session):
                     yield from reply(history, state, key, system, cfg, session)
-            except (ReplyRefused, ReplyBusy) as exc:
+            except ReplyRefused as exc:
                 gr.Warning(str(exc))
+            except ReplyBusy as exc:
+                gr.Warning(str(exc))
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
         def request_stop(request: gr.Request):
             stop_requests.setdefault(request.session_hash or "", threading.Event()).set()

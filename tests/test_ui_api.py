@@ -325,3 +325,31 @@ def test_plain_http_call_as_docs_api_md_shows(app):
     final = json.loads(events.split("event: complete")[1].split("data:", 1)[1].strip().splitlines()[0])
     [exchange] = app.exchanges()
     assert final == [exchange["assistant"]] and exchange["user"] == "Hello!"
+
+
+def _ui_handler(server, name: str):
+    [fn] = [f.fn for f in server.demo.fns.values() if getattr(f.fn, "__name__", "") == name]
+    return fn
+
+
+def test_regenerate_while_send_streams_in_one_session_is_refused_and_logs_one_reply(server):
+    """Send and Regenerate are separate events: the second one in a session waits its turn with a sentence."""
+    import gradio as gr
+
+    server.mark_log()
+    send, regenerate = _ui_handler(server, "send"), _ui_handler(server, "regenerate")
+    request = gr.Request(session_hash="one-tab")
+    settings = ["native", "Be brief.", 8, 0, 0, 1.0, 1.0, "", ""]
+    sending = send("Hello", [], {}, *settings, request)
+    shown = next(sending)[1]  # the user's message is on the page and the reply is about to stream
+    next(sending)
+    with pytest.warns(UserWarning, match="A reply is still streaming in this chat"):
+        assert list(regenerate(shown, {}, *settings, request)) == [(gr.skip(),) * 4]
+        again = list(send("Hello again", shown, {}, *settings, request))
+    assert again == [(gr.skip(),) * 5]  # the typed message stays in its box
+    list(sending)
+    assert [e["user"] for e in server.exchanges()] == ["Hello"]
+    other = gr.Request(session_hash="another-tab")  # other sessions were never blocked, and this one is free
+    assert list(regenerate([{"role": "user", "content": "Hi"}], {}, *settings, other))
+    assert list(regenerate([{"role": "user", "content": "Hello"}], {}, *settings, request))
+    assert [e["user"] for e in server.exchanges()] == ["Hello", "Hi", "Hello"]
