@@ -2,6 +2,7 @@
 
     limits = Limits.from_config(load_config())   # ValueError naming the [app] key if one is not a count
     limits.check(message, history, system_prompt, stop)   # ValueError: one sentence saying what to shorten
+    limits.recent(history)   # the newest messages within the history limits (the web page's long chats)
 
 The web UI and the /chat API both go through ChatService.stream, which checks these first: a refused
 request loads no model, tokenizes nothing and writes nothing to the chat log. The defaults suit a chat app
@@ -48,6 +49,21 @@ class Limits:
         _under(len(stop), self.max_stop_strings, "The stop list", "max_stop_strings", unit="strings")
         for s in stop:
             _under(len(s), self.max_stop_chars, "A stop string", "max_stop_chars")
+
+
+    def recent(self, history: list[dict]) -> list[dict]:
+        """The newest messages of `history` within the history limits (the web page's own conversation).
+
+        A long chat in the browser keeps going: its oldest turns, which the prompt budget would drop for
+        the model's context anyway, are left out instead of the reply being refused.
+        """
+        kept, chars = [], 0
+        for m in reversed(history[-self.max_history_messages:]):
+            chars += len(message_text(m.get("content", "")))
+            if chars > self.max_history_chars:
+                break
+            kept.append(m)
+        return kept[::-1]
 
 
 def _under(size: int, limit: int, what: str, key: str, unit: str = "characters") -> None:

@@ -96,7 +96,8 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
             stop = stop_requests.setdefault(session, threading.Event())
             stop.clear()
             try:  # the limits and the key are checked here, before anything loads
-                updates = service.stream(key, _plain(prior), text, cfg, system, state["conversation_id"])
+                updates = service.stream(key, service.limits.recent(_plain(prior)), text, cfg, system,
+                                         state["conversation_id"])
             except (BackendError, ValueError) as exc:
                 raise ReplyRefused(str(exc)) from None
             if slots.status(key).state != "ready":
