@@ -237,7 +237,7 @@ CHAT_ARGUMENTS = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(message=MESSAGES, arguments=CHAT_ARGUMENTS)
 def test_any_chat_call_is_a_logged_reply_or_one_sentence_never_a_crash(server, client, message, arguments):
     server.mark_log()
