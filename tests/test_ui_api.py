@@ -353,3 +353,16 @@ def test_regenerate_while_send_streams_in_one_session_is_refused_and_logs_one_re
     assert list(regenerate([{"role": "user", "content": "Hi"}], {}, *settings, other))
     assert list(regenerate([{"role": "user", "content": "Hello"}], {}, *settings, request))
     assert [e["user"] for e in server.exchanges()] == ["Hello", "Hi", "Hello"]
+
+
+def test_the_page_refuses_an_over_long_message_with_a_sentence_and_keeps_it_in_the_box(server):
+    import gradio as gr
+
+    server.mark_log()
+    send = _ui_handler(server, "send")
+    text = "x" * 20_001
+    with pytest.warns(UserWarning, match="Your message has 20,001 characters, over the limit of 20,000"):
+        outputs = list(send(text, [], {}, "native", "Be brief.", 8, 0, 0, 1.0, 1.0, "", "",
+                            gr.Request(session_hash="long")))
+    assert outputs[-1][:2] == (text, [])  # the message is back in its box, the chat as it was
+    assert server.log_lines() == []
