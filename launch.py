@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch.py: {exc}", file=sys.stderr)
         return EXIT_BAD_FLAGS
     service = demo.chat_service
+    if service.log.readable_by_others():
+        print(f"launch.py: warning: the chat log {service.log_path} can be read by other accounts on this "
+              f"machine: run `chmod 600 {service.log_path}` (new logs are created that way).", file=sys.stderr)
     demo.launch(server_name=args.host, server_port=args.port, auth=args.auth, share=args.share,
                 show_error=False, quiet=True, footer_links=["api", "settings"], prevent_thread_lock=True)
     service.slots.load_in_background(service.default_backend)  # after the server is up: the page never waits

@@ -82,6 +82,13 @@ class ChatLog:
         """Raise ChatLogError now (e.g. at start-up) if appending would fail later."""
         self._write(b"")  # opens for append (creating the file), writes nothing
 
+    def readable_by_others(self) -> bool:
+        """True if the log exists and its mode lets other accounts read it (a log from an older version)."""
+        try:
+            return os.name == "posix" and bool(self.path.stat().st_mode & 0o044)
+        except OSError:
+            return False
+
     def append_exchange(self, *, user: str, assistant: str, conversation_id: str, turn: int, backend: str,
                         model: str, system_prompt: str | None, config: dict) -> dict:
         """Append one exchange; returns the record as written."""

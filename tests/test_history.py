@@ -221,6 +221,9 @@ def test_the_chat_log_is_created_readable_by_its_owner_only(tmp_path):
     log = ChatLog(tmp_path / "log.jsonl")
     _append(log, "a", 0)
     assert (log.path.stat().st_mode & 0o777) == 0o600
+    assert not log.readable_by_others()
+    log.path.chmod(0o644)  # a log from an older version: launch.py warns about it
+    assert log.readable_by_others()
     other = ChatLog(tmp_path / "checked.jsonl")
     other.check_writable()  # the start-up check creates it too
     assert (other.path.stat().st_mode & 0o777) == 0o600
