@@ -112,7 +112,9 @@ class ChatLog:
         """Every record; malformed lines are skipped and counted. A log that does not exist yet is empty.
 
         Only the bytes appended since the last call are parsed (the lines before are kept from then), so
-        polling a large log costs what it grew by; a file that was replaced or shrank is read afresh.
+        polling a large log costs what it grew by. A file that was replaced (a new file renamed over it, as
+        editors and atomic rewrites do) or that shrank is read afresh; one edited in place without
+        shrinking is seen as it was until the app restarts.
         """
         try:
             with open(self.path, "rb") as f:
