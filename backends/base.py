@@ -21,6 +21,13 @@ class BackendError(RuntimeError):
     """A failure the user can fix (unknown backend, missing checkpoint, offline hub, bad config)."""
 
 
+# Bounds that keep sampling finite: logits / 1e-40 overflow to inf and softmax turns them into NaN, and a
+# penalty of 1e40 does the same to every negative logit. Between 0.01 and 100 fp32 logits stay finite.
+MIN_SCALE, MAX_SCALE = 0.01, 100.0
+MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
+MAX_NEW_TOKENS = 1_000_000  # far beyond any context; keeps the number a plain machine integer
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 128
@@ -36,23 +43,27 @@ class GenerationConfig:
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
-        _check(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
-               and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
-               "a number >= 0 (0 means greedy)")
-        _check(self.top_k is None or (isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
-                                      and self.top_k >= 0), "top_k", self.top_k, "None or an integer >= 0")
+        _check(_is_int(self.max_new_tokens) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS, "max_new_tokens",
+               self.max_new_tokens, f"a whole number from 1 to {MAX_NEW_TOKENS}")
+        _check(_is_number(self.temperature) and (self.temperature == 0 or MIN_SCALE <= self.temperature <= MAX_SCALE),
+               "temperature", self.temperature, f"0 (greedy) or a number from {MIN_SCALE} to {MAX_SCALE}")
+        _check(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 0), "top_k", self.top_k,
+               "None or a whole number >= 0 (0 means off)")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-               self.repetition_penalty, "a number > 0")
+        _check(_is_number(self.repetition_penalty) and MIN_SCALE <= self.repetition_penalty <= MAX_SCALE,
+               "repetition_penalty", self.repetition_penalty, f"a number from {MIN_SCALE} to {MAX_SCALE} (1 is off)")
         _check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop), "stop",
-               self.stop, "a tuple of non-empty strings")
-        _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)), "seed",
-               self.seed, "None or an integer")
+               self.stop, "a list of non-empty strings")
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED), "seed", self.seed,
+               f"None (random) or a whole number from 0 to {MAX_SEED} (2**63-1)")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x) -> bool:
@@ -61,7 +72,13 @@ def _is_number(x) -> bool:
 
 def _check(ok: bool, name: str, value, expected: str) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ValueError(f"{name} must be {expected}, got {shown(value)}")
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters: a refusal quotes what was sent, never megabytes of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({type(value).__name__})"
 
 
 class ChatBackend(ABC):

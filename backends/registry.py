@@ -44,16 +44,45 @@ def load_config(path: str | os.PathLike | None = None) -> dict:
                            f"NANOGPT_CHAT_CONFIG, or restore configs/app.toml.") from None
     except tomllib.TOMLDecodeError as e:
         raise BackendError(f"Config file {path} is not valid TOML ({e}): fix that line.") from None
+    _check_types(config, path)
     for key, section in config.get("backends", {}).items():
         if not isinstance(section, dict) or section.get("kind") not in KINDS:
             kind = section.get("kind") if isinstance(section, dict) else None
             raise BackendError(f"[backends.{key}] in {path} has kind {kind!r}: set kind to one of "
                                f"{', '.join(KINDS)}.")
+        if not isinstance(section.get("label", key), str):
+            raise BackendError(f"label of [backends.{key}] in {path} must be a string, got "
+                               f"{section['label']!r}: put it in quotes.")
     default = config.get("app", {}).get("default_backend")
     if default is not None and default not in config.get("backends", {}) and default not in KINDS:
         raise BackendError(f"default_backend {default!r} in {path} is not configured: use one of "
                            f"{', '.join(config.get('backends', {}))}.")
     return config
+
+
+# [app] settings read before the app is built; other [app] keys are checked where they are used
+# (chatapp/limits.py, chatapp/model_slot.py), each with a sentence naming the key.
+APP_TYPES = {"default_backend": (str, "a string"), "history": (str, "a string (a file path)"),
+             "system_prompt": (str, "a string"), "ready_for_finetune": (int, "a whole number")}
+
+
+def _check_types(config: dict, path: Path) -> None:
+    """Sections must be tables and known [app] values of their type; [generation] must make a GenerationConfig."""
+    for name in ("app", "generation", "backends"):
+        if name in config and not isinstance(config[name], dict):
+            raise BackendError(f"{name} in {path} must be a [{name}] section (a table), got {config[name]!r}: "
+                               f"write its settings under a [{name}] line.")
+    app = config.get("app", {})
+    for key, (kind, what) in APP_TYPES.items():
+        value = app.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise BackendError(f"[app] {key} in {path} must be {what}, got {value!r}: fix it or remove the line.")
+    if app.get("ready_for_finetune", 0) < 0:
+        raise BackendError(f"[app] ready_for_finetune in {path} must be 0 or more, got {app['ready_for_finetune']}.")
+    try:
+        generation_defaults(config)
+    except (ValueError, TypeError) as exc:
+        raise BackendError(f"[generation] in {path}: {exc}; fix that line.") from None
 
 
 def list_backends(config: dict | None = None) -> list[dict]:

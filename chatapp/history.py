@@ -10,7 +10,9 @@
 The record schema and the reader live in gpt/chatlog.py (training reads the log through it). Every line is
 written with ONE os.write on an O_APPEND descriptor while holding an exclusive flock, so lines from
 concurrent writers never interleave or tear; os.write leaves no user-space buffer, so each line reaches the
-file as soon as it is appended. Readers take a shared lock, so they never see half a line.
+file as soon as it is appended. A last line left without its newline (a crash, a full disk) is ended before
+the next append, so it never fuses with a good line. The file is created private (0600). Readers take a
+shared lock, so they never see half a line, and parse only what was appended since their last read.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import os
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,13 +54,40 @@ def utc_timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def _ends_with_newline(fd: int) -> bool:
+    """True if the file is empty or its last byte is a newline (call under the write lock)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return True
+    os.lseek(fd, size - 1, os.SEEK_SET)  # O_APPEND still sends the write to the end
+    return os.read(fd, 1) == b"\n"
+
+
+@dataclass
+class _ReadCache:
+    identity: tuple[int, int]  # (device, inode): a replaced file starts a new cache
+    offset: int = 0  # bytes of complete lines parsed so far
+    lines: int = 0
+    contents: LogContents = field(default_factory=LogContents)
+
+
 class ChatLog:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._cache: _ReadCache | None = None
+        self._cache_lock = threading.Lock()
+        self._stats: tuple | None = None  # (file key, LogStats) of the last stats() call
 
     def check_writable(self) -> None:
         """Raise ChatLogError now (e.g. at start-up) if appending would fail later."""
         self._write(b"")  # opens for append (creating the file), writes nothing
+
+    def readable_by_others(self) -> bool:
+        """True if the log exists and its mode lets other accounts read it (a log from an older version)."""
+        try:
+            return os.name == "posix" and bool(self.path.stat().st_mode & 0o044)
+        except OSError:
+            return False
 
     def append_exchange(self, *, user: str, assistant: str, conversation_id: str, turn: int, backend: str,
                         model: str, system_prompt: str | None, config: dict) -> dict:
@@ -80,13 +109,19 @@ class ChatLog:
         return record
 
     def read(self) -> LogContents:
-        """Every record; malformed lines are skipped and counted. A log that does not exist yet is empty."""
+        """Every record; malformed lines are skipped and counted. A log that does not exist yet is empty.
+
+        Only the bytes appended since the last call are parsed (the lines before are kept from then), so
+        polling a large log costs what it grew by. A file that was replaced (a new file renamed over it, as
+        editors and atomic rewrites do) or that shrank is read afresh; one edited in place without
+        shrinking is seen as it was until the app restarts.
+        """
         try:
-            with open(self.path, encoding="utf-8", errors="replace") as f:
+            with open(self.path, "rb") as f:
                 if fcntl is not None:
                     fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # no writer is half-way through a line
                 try:
-                    return read_lines(f)
+                    return self._read_new(f)
                 finally:
                     if fcntl is not None:
                         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
@@ -96,14 +131,46 @@ class ChatLog:
             raise ChatLogError(f"Cannot read the chat log {self.path} ({e.strerror or e}): pass --history with "
                                f"the path of a readable JSONL file.") from None
 
+    def _read_new(self, f) -> LogContents:
+        st = os.fstat(f.fileno())
+        with self._cache_lock:
+            cache = self._cache
+            if cache is None or cache.identity != (st.st_dev, st.st_ino) or st.st_size < cache.offset:
+                cache = self._cache = _ReadCache((st.st_dev, st.st_ino))
+            f.seek(cache.offset)
+            data = f.read()
+            end = data.rfind(b"\n") + 1  # complete lines are cached; a torn last line is read each time
+            if end:
+                lines = data[:end].decode("utf-8", errors="replace").split("\n")[:-1]
+                read_lines(lines, first_line=cache.lines + 1, into=cache.contents)
+                cache.offset += end
+                cache.lines += len(lines)
+            c = cache.contents
+            out = LogContents(exchanges=list(c.exchanges), feedback=list(c.feedback), malformed=c.malformed)
+            tail_line = cache.lines + 1
+        return read_lines([data[end:].decode("utf-8", errors="replace")], first_line=tail_line, into=out)
+
     def stats(self, ready_threshold: int = 10) -> LogStats:
-        """Counts for the UI; ready_for_finetune once the log holds `ready_threshold` exchanges."""
+        """Counts for the UI; ready_for_finetune once the log holds `ready_threshold` exchanges.
+
+        Cached by the file's identity, size and modification time: an unchanged log is not read again.
+        """
+        try:
+            st = os.stat(self.path)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, ready_threshold)
+        except OSError:
+            key = None
+        cached = self._stats
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
         contents = self.read()
         groups = conversations(contents)
         ratings = [rating for conversation in groups for rating in conversation.ratings.values()]
-        return LogStats(conversations=len(groups), exchanges=len(contents.exchanges),
-                        liked=ratings.count("like"), disliked=ratings.count("dislike"),
-                        malformed=contents.malformed, ready_for_finetune=len(contents.exchanges) >= ready_threshold)
+        stats = LogStats(conversations=len(groups), exchanges=len(contents.exchanges),
+                         liked=ratings.count("like"), disliked=ratings.count("dislike"),
+                         malformed=contents.malformed, ready_for_finetune=len(contents.exchanges) >= ready_threshold)
+        self._stats = (key, stats)
+        return stats
 
     def _append_line(self, record: dict) -> None:
         # ASCII-only JSON: no raw newline can end up inside a line, and lone surrogates still encode.
@@ -111,13 +178,18 @@ class ChatLog:
 
     def _write(self, data: bytes) -> None:
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            # 0600: the log holds every conversation; other local accounts have no business reading it.
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as e:
             raise ChatLogError(self._write_problem(e)) from None
         try:
             with _THREAD_LOCK if fcntl is None else nullcontext():
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX)
+                if data and not _ends_with_newline(fd):
+                    # A torn last line (a crash mid-write, a full disk, an editor) would fuse with this one
+                    # and lose both: end it first, so it stays one malformed line on its own.
+                    data = b"\n" + data
                 view = memoryview(data)
                 while view:  # a regular file takes the whole line at once; loop only on a short write
                     view = view[os.write(fd, view):]

@@ -9,7 +9,9 @@
 
 There is one slot per configured backend key and at most one loaded model per slot, whatever the number of
 sessions. A model nobody has chosen and nobody is using is released when a session switches away from it,
-so switching backends frees the previous model's memory. Backends are thread-safe (the ChatBackend
+so switching backends frees the previous model's memory; one that no session has chosen (loaded by API
+calls only, or preloaded for a page nobody opened) is released after `[app] release_unused_after_s` idle
+seconds (default 600; 0 keeps it). Backends are thread-safe (the ChatBackend
 contract), so concurrent sessions stream from the same loaded model.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from backends import BackendError, ChatBackend, create_backend, list_backends
 log = logging.getLogger(__name__)
 
 IDLE, LOADING, READY, FAILED = "idle", "loading", "ready", "failed"
+RELEASE_UNUSED_AFTER_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class _Slot:
         self.release_when_idle = False  # switched away from while loading or while a reply streamed
         self.loaded = threading.Event()  # set whenever the slot is not loading
         self.loaded.set()
+        self.last_used = 0.0  # time.monotonic() when it was last loaded or a reply ended
+        self.idle_timer: threading.Timer | None = None
 
 
 def warm_up(backend: ChatBackend) -> None:
@@ -67,6 +73,7 @@ class ModelSlots:
         self._slots = {b["key"]: _Slot(b["key"], b.get("label") or b["key"], b.get("kind", ""))
                        for b in list_backends(config)}
         self._chosen: dict[str, str] = {}  # session id -> backend key
+        self.release_unused_after_s = _seconds(config, "release_unused_after_s", RELEASE_UNUSED_AFTER_S)
 
     # --- what is configured ------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -133,6 +140,8 @@ class ModelSlots:
         with self._lock:
             slot.backend, slot.error, slot.note = backend, error, ""
             slot.state = READY if backend is not None else FAILED
+            slot.last_used = time.monotonic()
+            self._watch_idle(slot)
         if slot.release_when_idle:  # every session switched away while it loaded
             self._release_unused(only=slot)
         slot.loaded.set()  # after any release, so a waiter never sees a model that is going away
@@ -199,9 +208,34 @@ class ModelSlots:
         finally:
             with self._lock:
                 slot.in_use -= 1
+                slot.last_used = time.monotonic()
                 release = slot.release_when_idle and slot.in_use == 0
+                self._watch_idle(slot)
             if release:
                 self._release_unused(only=slot)
+
+    def _watch_idle(self, slot: _Slot, delay: float | None = None) -> None:
+        """Under self._lock: make sure one timer will release `slot` once it has sat unchosen and idle."""
+        if self.release_unused_after_s <= 0 or (slot.idle_timer is not None and slot.idle_timer.is_alive()):
+            return
+        slot.idle_timer = threading.Timer(self.release_unused_after_s if delay is None else delay,
+                                          self._release_if_idle, (slot,))
+        slot.idle_timer.daemon = True
+        slot.idle_timer.start()
+
+    def _release_if_idle(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.idle_timer = None
+            if slot.state != READY or slot.in_use or slot.key in self._chosen.values():
+                return  # a session keeps it, or the end of the reply under way looks again
+            remaining = slot.last_used + self.release_unused_after_s - time.monotonic()
+            if remaining > 0:
+                self._watch_idle(slot, remaining)
+                return
+            backend, slot.backend, slot.state = slot.backend, None, IDLE
+        log.info("released %s: no session chose it and it was idle for %.0f s", slot.key,
+                 self.release_unused_after_s)
+        backend.release()
 
     # --- fine-tuned checkpoints ------------------------------------------------------------------------
     def reload(self, key: str) -> SlotStatus:
@@ -239,3 +273,11 @@ class ModelSlots:
         if slot.release_when_idle:
             self._release_unused(only=slot)
         slot.loaded.set()
+
+
+def _seconds(config: dict, key: str, default: float) -> float:
+    value = (config.get("app") or {}).get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
+        raise ValueError(f"[app] {key} in the config must be a number of seconds >= 0, got {value!r}: fix it "
+                         f"or remove it for the default ({default:g}).")
+    return float(value)

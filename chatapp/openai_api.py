@@ -296,12 +296,13 @@ def openai_routes(service, access: ApiAccess | None = None) -> list[Route]:
                                 "Content-Type: application/json.") from None
         req = parse_chat_request(body, service)
         await turns.acquire()
-        updates = service.stream(req.model, req.history, req.message, req.cfg, req.system_prompt,
-                                 req.conversation_id, log=log_api)
-        try:
-            first = await anyio.to_thread.run_sync(_next, updates)  # errors before any output are a status
+        updates = None
+        try:  # the limits are checked when the stream is made; errors before any output are a status
+            updates = _open(service, req, log_api)
+            first = await anyio.to_thread.run_sync(_next, updates)
         except BaseException:
-            updates.close()
+            if updates is not None:
+                updates.close()
             turns.release()
             raise
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -326,6 +327,17 @@ def openai_routes(service, access: ApiAccess | None = None) -> list[Route]:
     return [Route("/v1/models", _errors_as_json(models), methods=["GET"]),
             Route("/v1/models/{model:path}", _errors_as_json(model), methods=["GET"]),
             Route("/v1/chat/completions", _errors_as_json(completions), methods=["POST"])]
+
+
+def _open(service, req, log_api: bool) -> Iterator:
+    """The chat loop's stream for `req`; the app's size limits refuse it here, before any work."""
+    try:
+        return service.stream(req.model, req.history, req.message, req.cfg, req.system_prompt,
+                              req.conversation_id, log=log_api)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="messages", code="limit_exceeded") from None
+    except BackendError as exc:
+        raise ApiError(503, str(exc), code="backend_unavailable") from None
 
 
 def _next(updates: Iterator):

@@ -24,7 +24,7 @@ from chatapp.history import ChatLogError
 from chatapp.openai_api import ApiAccess, openai_routes
 from chatapp.ui_api import register_api
 from chatapp.ui_controls import build_generation_controls, context_meter, generation_config
-from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService
+from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService, ReplyBusy
 from gpt.chat_format import message_text
 
 STATUS_POLL_S = 0.5  # how often a loading status line refreshes
@@ -113,10 +113,14 @@ def build_app(config: dict, log_path, default_backend: str | None = None,
             state.setdefault("conversation_id", new_conversation_id())
             stop = stop_requests.setdefault(session, threading.Event())
             stop.clear()
+            try:  # the limits and the key are checked here, before anything loads
+                updates = service.stream(key, service.limits.recent(_plain(prior)), text, cfg, system,
+                                         state["conversation_id"])
+            except (BackendError, ValueError) as exc:
+                raise ReplyRefused(str(exc)) from None
             if slots.status(key).state != "ready":
                 yield history, state, f"Waiting for {slots.label(key)} to load…", gr.skip()
             shown = [*history, {"role": "assistant", "content": ""}]
-            updates = service.stream(key, _plain(prior), text, cfg, system, state["conversation_id"])
             try:
                 for update, context_length in updates:
                     shown[-1] = {"role": "assistant", "content": update.text}
@@ -146,15 +150,21 @@ def build_app(config: dict, log_path, default_backend: str | None = None,
                     gr.Warning("Type a message first.")
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
-            before = list(history or [])
-            history = [*before, {"role": "user", "content": text}]
-            yield "", history, state, gr.skip(), gr.skip()
+            session = request.session_hash or ""
             try:
-                for out in reply(history, state, key, system, cfg, request.session_hash or ""):
-                    yield "", *out
-            except ReplyRefused as exc:
+                with service.one_reply(session):
+                    before = list(history or [])
+                    history = [*before, {"role": "user", "content": text}]
+                    yield "", history, state, gr.skip(), gr.skip()
+                    try:
+                        for out in reply(history, state, key, system, cfg, session):
+                            yield "", *out
+                    except ReplyRefused as exc:
+                        gr.Warning(str(exc))
+                        yield text, before, gr.skip(), gr.skip(), gr.skip()  # as it was: fix it and send again
+            except ReplyBusy as exc:  # the typed message stays in the box
                 gr.Warning(str(exc))
-                yield text, before, gr.skip(), gr.skip(), gr.skip()  # as it was: fix it and send again
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
         def regenerate(history, state, key, system, max_new_tokens, temperature, top_k, top_p,
                        repetition_penalty, stop, seed, request: gr.Request):
@@ -167,10 +177,15 @@ def build_app(config: dict, log_path, default_backend: str | None = None,
                     gr.Warning("There is no message to answer again yet.")
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
+            session = request.session_hash or ""
             try:
-                yield from reply(history, state, key, system, cfg, request.session_hash or "")
+                with service.one_reply(session):
+                    yield from reply(history, state, key, system, cfg, session)
             except ReplyRefused as exc:
                 gr.Warning(str(exc))
+            except ReplyBusy as exc:
+                gr.Warning(str(exc))
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
         def request_stop(request: gr.Request):
             stop_requests.setdefault(request.session_hash or "", threading.Event()).set()

@@ -17,10 +17,24 @@ from collections.abc import Iterator
 import gradio as gr
 
 from backends import BackendError
+from backends.base import shown
 from chatapp.chat import new_conversation_id
 from chatapp.history import ChatLogError
 from chatapp.ui_controls import generation_config
-from chatapp.ui_service import GENERATE, GENERATE_LIMIT, user_error
+from chatapp.ui_service import GENERATE, GENERATE_LIMIT, STATS, STATS_LIMIT, user_error
+
+
+def _refuse(sentence: str) -> gr.Error:
+    return gr.Error(sentence, print_exception=False)
+
+
+def _is_text(content) -> bool:
+    """A string, or Gradio's list of text blocks ([{"type": "text", "text": "..."}])."""
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(b, str) or (isinstance(b, dict) and b.get("type", "text") == "text"
+                               and isinstance(b.get("text", ""), str)) for b in content)
 
 
 def _check_history(history) -> list[dict]:
@@ -28,14 +42,20 @@ def _check_history(history) -> list[dict]:
     if history is None:
         return []
     if not isinstance(history, list):
-        raise gr.Error("history must be a list of messages like {\"role\": \"user\", \"content\": \"Hi\"}.",
-                       print_exception=False)
+        raise _refuse("history must be a list of messages like {\"role\": \"user\", \"content\": \"Hi\"}.")
     for i, m in enumerate(history):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or "content" not in m:
-            raise gr.Error(f"history[{i}] must be a message like {{\"role\": \"user\" or \"assistant\", "
-                           f"\"content\": \"...\"}}; pass the system prompt as system_prompt.",
-                           print_exception=False)
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not _is_text(m.get("content")):
+            raise _refuse(f"history[{i}] must be a message like {{\"role\": \"user\" or \"assistant\", "
+                          f"\"content\": \"...\"}} with text content; pass the system prompt as system_prompt.")
     return history
+
+
+def _check_strings(backend, system_prompt) -> None:
+    """The string arguments of /chat, checked by type before they are used as keys or prompt text."""
+    if not isinstance(backend, str):
+        raise _refuse(f"backend must be a string: one of the keys /backends lists, got {shown(backend)}.")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise _refuse(f"system_prompt must be a string (empty for none), got {shown(system_prompt)}.")
 
 
 def register_api(service) -> None:
@@ -63,16 +83,14 @@ def register_api(service) -> None:
             seed: the same seed gives the same reply; null for random.
         """
         if not isinstance(message, str) or not message.strip():
-            raise gr.Error("message must be a non-empty string.", print_exception=False)
+            raise _refuse("message must be a non-empty string.")
         prior = _check_history(history)
-        try:
-            cfg = generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                    d.stop if stop is None else stop, seed)
-            service.slots.label(backend)
-        except (BackendError, ValueError) as exc:
-            raise user_error(exc) from None
+        _check_strings(backend, system_prompt)
         text = ""
         try:
+            # None for a setting means the config's default; the limits are checked before any work.
+            cfg = generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+                                    defaults=d)
             for update, _ in service.stream(backend, prior, message, cfg, system_prompt,
                                             new_conversation_id()):
                 text = update.text
@@ -101,5 +119,5 @@ def register_api(service) -> None:
         return out
 
     gr.api(chat, api_name="chat", concurrency_limit=GENERATE_LIMIT, concurrency_id=GENERATE)
-    gr.api(stats, api_name="stats", concurrency_limit=None)
+    gr.api(stats, api_name="stats", concurrency_limit=STATS_LIMIT, concurrency_id=STATS)
     gr.api(backends, api_name="backends", concurrency_limit=None)

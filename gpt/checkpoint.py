@@ -43,28 +43,64 @@ def is_checkpoint(path: Path) -> bool:
 def resolve_checkpoint(spec: str | os.PathLike) -> Path:
     """A checkpoint directory, or `latest`: the newest one under models/native/ (by meta.json's `created`).
 
-    Hidden siblings (`.NAME.tmp-*` being written, `.NAME.old-*` being replaced) never count as `latest`; but
-    if a save died between its two renames, NAME is missing and its `.NAME.old-*` is the checkpoint to use.
+    Hidden siblings (`.NAME.tmp-*` being written, `.NAME.old-*` being replaced) never count as checkpoints of
+    their own. A save whose process died between its two renames is first finished (its new copy was
+    complete) or undone, so NAME always names its newest complete copy; while a live save is between its
+    renames, NAME's previous copy stands in for it.
     """
     if str(spec) == "latest":
         root = native_models_dir()
-        found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and is_checkpoint(p)] \
-            if root.is_dir() else []
+        found = []
+        if root.is_dir():
+            moved_aside = {p.name[1:].split(".old-")[0] for p in root.glob(".*.old-*")}
+            for name in moved_aside:
+                recover_interrupted_save(root / name)
+            found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and is_checkpoint(p)]
+            found += [old for name in moved_aside if not (root / name).exists() and (old := _replaced(root / name))]
         if not found:
             raise CheckpointError(f"No native checkpoint under {root}: run `make setup` (it converts the "
                                   f"bundled model) or `python -m training.finetune` to make one.")
         return max(found, key=_created)
     path = Path(spec)
     if not path.exists():
-        replaced = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"), key=lambda p: p.stat().st_mtime)
-        replaced = [p for p in replaced if is_checkpoint(p)]
-        if replaced:
-            return replaced[-1]
+        recover_interrupted_save(path)
+        if not path.exists() and _replaced(path):
+            return _replaced(path)
     if not is_checkpoint(path):
         missing = [n for n in FILES if not (path / n).is_file()]
         raise CheckpointError(f"{path} is not a native checkpoint (missing {', '.join(missing)}): pass a "
                               f"directory written by gpt.convert or training.finetune, or `latest`.")
     return path
+
+
+def _replaced(path: Path) -> Path | None:
+    """The previous copy of `path` that a live save has moved aside for a moment, if any."""
+    olds = [p for p in path.parent.glob(f".{glob.escape(path.name)}.old-*") if is_checkpoint(p)]
+    return max(olds, key=lambda p: p.stat().st_mtime) if olds else None
+
+
+def recover_interrupted_save(out_dir: Path) -> None:
+    """Finish or undo a save of `out_dir` whose process died between its two renames.
+
+    Then `out_dir` is missing and `.NAME.old-PID` holds the previous copy. The new copy `.NAME.tmp-PID-*`
+    was complete (it is renamed only after every file is flushed), so it takes the name; without it the
+    previous copy gets its name back. Nothing is deleted until a complete copy is under `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        return
+    for old in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.old-*"), key=lambda p: p.name):
+        pid = old.name.rpartition("-")[2]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue  # a live save finishes on its own
+        new = [p for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-{pid}-*") if is_checkpoint(p)]
+        try:
+            os.replace(max(new, key=lambda p: p.stat().st_mtime) if new else old, out_dir)
+        except OSError:  # another process recovered it first, or the folder is read-only
+            return
+        if new:
+            shutil.rmtree(old, ignore_errors=True)
+        return
 
 
 def _created(path: Path) -> float:
@@ -78,6 +114,7 @@ def save_checkpoint(model: GPT, out_dir: str | os.PathLike, tokenizer: Tokenizer
     """Write `model` atomically to `out_dir` (replacing an older checkpoint there only once complete)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(out_dir)  # before tidying up: the leftovers may hold the only copy
     _remove_leftovers(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
@@ -100,7 +137,11 @@ def save_checkpoint(model: GPT, out_dir: str | os.PathLike, tokenizer: Tokenizer
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:  # the save failed (or was interrupted): the previous copy keeps its name
+                os.replace(old, out_dir)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)

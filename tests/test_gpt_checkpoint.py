@@ -91,9 +91,47 @@ def test_crash_between_the_two_renames_still_finds_the_previous_checkpoint(tmp_p
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tiny_model(2), tmp_path / "ck", tokenizer, {"run": 2})
     monkeypatch.undo()
-    assert not (tmp_path / "ck").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # the previous copy is back under its name
     loaded, _, meta = load_checkpoint(tmp_path / "ck")
     assert same_weights(first, loaded) and meta["run"] == 1
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _killed_between_renames(tmp_path, tokenizer, new_copy: bool) -> None:
+    """The folder as a save process killed between its two renames leaves it (ck moved aside, not replaced)."""
+    pid = _dead_pid()
+    save_checkpoint(tiny_model(1), tmp_path / "ck", tokenizer, {"run": 1, "created": 1000.0})
+    save_checkpoint(tiny_model(7), tmp_path / "other", tokenizer, {"run": 7, "created": 1500.0})
+    if new_copy:
+        save_checkpoint(tiny_model(2), tmp_path / "new", tokenizer, {"run": 2, "created": 2000.0})
+        os.replace(tmp_path / "new", tmp_path / f".ck.tmp-{pid}-x1y2")
+    os.replace(tmp_path / "ck", tmp_path / f".ck.old-{pid}")
+
+
+def test_a_save_killed_between_its_renames_is_finished_and_latest_serves_the_new_model(tmp_path, tokenizer,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("NANOGPT_CHAT_MODELS", str(tmp_path))
+    _killed_between_renames(tmp_path, tokenizer, new_copy=True)
+    assert resolve_checkpoint("latest") == tmp_path / "ck"  # not the older "other"
+    assert load_checkpoint("latest")[2]["run"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "other"]
+
+
+def test_a_save_killed_before_its_new_copy_was_named_is_undone_and_the_next_save_keeps_the_only_copy(
+        tmp_path, tokenizer, monkeypatch):
+    _killed_between_renames(tmp_path, tokenizer, new_copy=False)
+    monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tiny_model(3), tmp_path / "ck", tokenizer, {"run": 3})
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "ck")[2]["run"] == 1  # the only surviving copy was kept
+    monkeypatch.setenv("NANOGPT_CHAT_MODELS", str(tmp_path))
+    assert resolve_checkpoint("latest") == tmp_path / "other"  # ck's copy is the older one, honestly
 
 
 KILLED_SAVER = textwrap.dedent("""

@@ -10,8 +10,11 @@ from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chatapp.history import ChatLog, ChatLogError, LogStats
+from gpt.chatlog import read_log
 
 CONFIG = {"max_new_tokens": 8, "temperature": 0.0, "stop": ["\nUser:"]}
 
@@ -199,3 +202,85 @@ def test_permission_denied_on_append_fails_with_one_sentence(tmp_path, monkeypat
         ChatLog(tmp_path / "log.jsonl").append_feedback(conversation_id="c", turn=0, rating="like")
     assert str(info.value) == (f"Cannot write the chat log {tmp_path / 'log.jsonl'} (Permission denied): pass "
                                f"--history with a writable file path.")
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_exchange(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = ChatLog(path)
+    _append(log, "a", 0)
+    with open(path, "ab") as f:
+        f.write(b'{"timestamp": "2026-11-22", "user": "half a li')  # a crash mid-write: no newline
+    _append(log, "a", 1)
+    contents = ChatLog(path).read()
+    assert [e.turn for e in contents.exchanges] == [0, 1] and contents.malformed == 1
+    _append(log, "a", 2)  # a log that already ends with a newline gets no blank line
+    assert path.read_bytes().count(b"\n\n") == 0 and len(ChatLog(path).read().exchanges) == 3
+
+
+def test_the_chat_log_is_created_readable_by_its_owner_only(tmp_path):
+    log = ChatLog(tmp_path / "log.jsonl")
+    _append(log, "a", 0)
+    assert (log.path.stat().st_mode & 0o777) == 0o600
+    assert not log.readable_by_others()
+    log.path.chmod(0o644)  # a log from an older version: launch.py warns about it
+    assert log.readable_by_others()
+    other = ChatLog(tmp_path / "checked.jsonl")
+    other.check_writable()  # the start-up check creates it too
+    assert (other.path.stat().st_mode & 0o777) == 0o600
+
+
+def test_reading_again_parses_only_what_was_appended(tmp_path, monkeypatch):
+    import chatapp.history as history
+
+    path = tmp_path / "log.jsonl"
+    log = ChatLog(path)
+    for i in range(3):
+        _append(log, "a", i)
+    assert len(log.read().exchanges) == 3
+    parsed = []
+    real = history.read_lines
+    monkeypatch.setattr(history, "read_lines", lambda lines, **kw: real(parsed.extend(lines) or lines, **kw))
+    _append(log, "a", 3)
+    assert [e.turn for e in log.read().exchanges] == [0, 1, 2, 3]
+    assert len([line for line in parsed if line]) == 1  # only the new line was parsed
+    stats = log.stats()
+    parsed.clear()
+    assert log.stats() == stats and parsed == []  # an unchanged log is not read at all
+
+
+def test_a_log_that_was_replaced_or_cut_is_read_afresh(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = ChatLog(path)
+    for i in range(3):
+        _append(log, "a", i)
+    assert len(log.read().exchanges) == 3
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0])  # cut in place: shorter than what was read
+    assert len(log.read().exchanges) == 1
+    replacement = tmp_path / "new.jsonl"
+    replacement.write_text("".join(lines[:2]) + "not json\n")
+    replacement.replace(path)  # a new file under the same name
+    contents = log.read()
+    assert (len(contents.exchanges), contents.malformed) == (2, 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["exchange", "feedback", "junk", "torn", "read"]), max_size=12))
+def test_incremental_reads_equal_a_fresh_read_of_the_whole_file(tmp_path_factory, steps):
+    path = tmp_path_factory.mktemp("inc") / "log.jsonl"
+    path.touch()
+    log = ChatLog(path)
+    for i, step in enumerate(steps):
+        if step == "exchange":
+            _append(log, "c", i)
+        elif step == "feedback":
+            log.append_feedback(conversation_id="c", turn=max(0, i - 1), rating="like")
+        elif step in ("junk", "torn"):
+            with open(path, "ab") as f:
+                f.write(b"{not json" + (b"\n" if step == "junk" else b""))
+        else:
+            log.read()
+    fresh = ChatLog(path).read()
+    again = log.read()
+    assert (again.exchanges, again.feedback, again.malformed) == (fresh.exchanges, fresh.feedback, fresh.malformed)
+    assert again.exchanges == read_log(path).exchanges  # the training reader sees the same

@@ -37,8 +37,58 @@ def test_loopback_hosts_need_no_auth_and_exposed_hosts_accept_it():
     assert launch.is_loopback("127.0.0.1") and launch.is_loopback("localhost") and launch.is_loopback("::1")
     assert not launch.is_loopback("0.0.0.0") and not launch.is_loopback("192.168.1.5")
     args = launch.parse_args(["--host", "0.0.0.0", "--port", str(free_port()), "--auth", "alice:s3:cret"])
-    assert args.auth == ("alice", "s3:cret")
+    assert args.auth == [("alice", "s3:cret")]
     assert launch.parse_args(["--host", "0.0.0.0", "--port", str(free_port()), "--insecure-no-auth"]).auth is None
+
+
+def test_the_login_comes_from_a_file_or_the_environment_and_auth_on_the_command_line_warns(
+        capsys, tmp_path, monkeypatch):
+    port = str(free_port())
+    logins = tmp_path / "logins"
+    logins.write_text("alice:s3:cret\n\n# bob is away\ncarol:pw\n")
+    args = launch.parse_args(["--host", "0.0.0.0", "--port", port, "--auth-file", str(logins)])
+    assert args.auth == [("alice", "s3:cret"), ("carol", "pw")] and capsys.readouterr().err == ""
+    monkeypatch.setenv("NANOGPT_CHAT_AUTH", "dave:secret")
+    assert launch.parse_args(["--host", "0.0.0.0", "--port", port]).auth == [("dave", "secret")]
+    assert launch.parse_args(["--port", port, "--auth", "eve:pw"]).auth == [("eve", "pw")]
+    warning = capsys.readouterr().err
+    assert "--auth puts the password on the command line" in warning and "--auth-file" in warning
+
+
+@pytest.mark.parametrize("content, argv, sentence", [
+    (None, ["--auth-file", "{missing}"], "Cannot read --auth-file"),
+    ("# only a comment\n", ["--auth-file", "{file}"], "has no USER:PASSWORD line: add one."),
+    ("alice:pw\nbob\n", ["--auth-file", "{file}"], "Line 2 of --auth-file"),
+    ("alice:pw\n", ["--auth-file", "{file}", "--auth", "a:b"], "Give --auth-file or --auth, not both."),
+])
+def test_auth_file_problems_are_one_sentence(capsys, tmp_path, content, argv, sentence):
+    path = tmp_path / "logins"
+    if content is not None:
+        path.write_text(content)
+    argv = [a.format(missing=tmp_path / "missing", file=path) for a in argv]
+    assert launch.main(["--port", str(free_port()), *argv]) == 2
+    err = capsys.readouterr().err
+    assert sentence in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("toml, sentence", [
+    ('app = 5\n', "app in {path} must be a [app] section (a table), got 5"),
+    ('generation = [1]\n', "generation in {path} must be a [generation] section"),
+    ('[app]\nhistory = 5\n', "[app] history in {path} must be a string (a file path), got 5"),
+    ('[app]\nready_for_finetune = "ten"\n', "[app] ready_for_finetune in {path} must be a whole number"),
+    ('[app]\nmax_message_chars = "big"\n', "[app] max_message_chars in the config must be a whole number >= 1"),
+    ('[app]\nrelease_unused_after_s = -1\n', "[app] release_unused_after_s in the config must be a number"),
+    ('[generation]\ntemperature = "hot"\n', "[generation] in {path}: temperature must be 0 (greedy) or"),
+    ('[generation]\nseed = -3\n', "[generation] in {path}: seed must be None (random) or a whole number"),
+    ('[backends.x]\nkind = "native"\nlabel = 5\n', "label of [backends.x] in {path} must be a string"),
+])
+def test_config_values_of_the_wrong_type_are_one_sentence_and_exit_2(capsys, tmp_path, toml, sentence):
+    path = tmp_path / "app.toml"
+    path.write_text(toml + ('\n[backends.n]\nkind = "native"\n' if "backends" not in toml else ""))
+    assert launch.main(["--port", str(free_port()), "--config", str(path),
+                        "--history", str(tmp_path / "h.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert sentence.format(path=path) in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_a_port_in_use_is_refused_with_a_sentence(capsys):
@@ -64,7 +114,8 @@ def test_help_names_every_flag():
     out = subprocess.run([sys.executable, "launch.py", "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0
-    for flag in ("--host", "--port", "--backend", "--config", "--history", "--auth", "--insecure-no-auth",
+    for flag in ("--host", "--port", "--backend", "--config", "--history", "--auth-file", "--auth",
+                 "--insecure-no-auth",
                  "--share"):
         assert flag in out.stdout
 
@@ -109,8 +160,10 @@ def test_an_exposed_host_with_auth_refuses_clients_without_the_password(tmp_path
                                                                          tiny_gpt2_hf_dir):
     config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir)
     port = free_port()
+    logins = tmp_path / "logins"
+    logins.write_text("# who may log in\nalice:s3cret\n")
     proc, _, _ = _start(["--host", "0.0.0.0", "--port", str(port), "--config", str(config),
-                         "--history", str(tmp_path / "h.jsonl"), "--auth", "alice:s3cret"], tmp_path)
+                         "--history", str(tmp_path / "h.jsonl"), "--auth-file", str(logins)], tmp_path)
     try:
         url = f"http://127.0.0.1:{port}"
         with pytest.raises(Exception):  # noqa: B017 - gradio_client raises a plain ValueError/HTTP error here

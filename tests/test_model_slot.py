@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -149,3 +150,40 @@ def test_each_session_remembers_its_own_choice(slots):
     assert (slots.chosen("s1"), slots.chosen("s2")) == ("b", "b") and slots.sessions_using("b") == 2
     slots.forget("s1")
     assert slots.chosen("s1") is None and slots.sessions_using("b") == 1
+
+
+def _until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_model_loaded_only_by_api_calls_is_released_once_idle(factory):
+    slots = ModelSlots({**CONFIG, "app": {"release_unused_after_s": 0.3}}, factory=factory)
+    slots.choose("s1", "a")  # a browser tab chats with a; an API caller uses b
+    for _ in range(3):
+        with slots.use("b"):
+            time.sleep(0.15)  # busy and then idle again, each time less than the limit
+    api_model = factory.built[-1]
+    assert api_model.key == "b" and not api_model.released
+    assert _until(lambda: slots.status("b").state == "idle") and api_model.released
+    assert slots.status("a").state == "ready" and not factory.built[0].released  # a tab chose a
+    with slots.use("b") as again:  # the next call loads it again
+        assert again.loaded and again is not api_model
+
+
+def test_a_model_in_use_or_chosen_is_not_released_by_the_idle_timer(factory):
+    slots = ModelSlots({**CONFIG, "app": {"release_unused_after_s": 0.1}}, factory=factory)
+    with slots.use("b") as backend:
+        time.sleep(0.4)
+        assert not backend.released  # a reply longer than the limit keeps it
+    assert _until(lambda: backend.released)
+
+
+@pytest.mark.parametrize("value", ["600", -1, True])
+def test_a_bad_release_setting_is_one_sentence(factory, value):
+    with pytest.raises(ValueError, match=r"\[app\] release_unused_after_s in the config must be a number of "):
+        ModelSlots({**CONFIG, "app": {"release_unused_after_s": value}}, factory=factory)

@@ -104,12 +104,14 @@ def test_a_stop_string_ends_the_reply_without_appearing_in_it(client):
     (dict(model="native", messages=[]), 400, "messages must be a non-empty list"),
     (dict(model="native", messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role must be"),
     (dict(model="native", messages=[{"role": "assistant", "content": "x"}]), 400, "The last message must be"),
-    (dict(model="native", messages=HI, max_tokens=0), 400, "max_tokens must be an integer >= 1, got 0."),
+    (dict(model="native", messages=HI, max_tokens=0), 400, "max_tokens must be a whole number from 1 to 1000000, got 0."),
     (dict(model="native", messages=HI, temperature=3), 400, "temperature must be between 0 and 2"),
     (dict(model="native", messages=HI, stop=[""]), 400, "stop must be"),
     (dict(model="native", messages=HI, frequency_penalty=0.5), 422, "use repetition_penalty"),
     (dict(model="native", messages=HI, n=2), 422, "n must be 1"),
     (dict(model="native", messages=HI, max_tokens=500), 422, "lower max_tokens below 128"),
+    (dict(model="native", messages=[{"role": "user", "content": "x" * 30_000}]), 400,
+     "over the limit of 20,000"),
 ])
 def test_bad_requests_get_4xx_with_a_sentence_and_nothing_is_logged(app, client, request_body, status, says):
     with pytest.raises(openai.APIStatusError) as caught:

@@ -15,6 +15,8 @@ import urllib.request
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from live_server import LiveApp, SlowStream, write_tiny_config
 
 
@@ -157,7 +159,26 @@ def _eight_clients(app):
 
 USER_ERRORS = [
     (dict(message="Hi", backend="nope"), "Unknown backend 'nope': choose one of native, hf."),
-    (dict(message="Hi", temperature=-1), "temperature must be a number >= 0"),
+    (dict(message="Hi", temperature=-1), "temperature must be 0 (greedy) or a number from 0.01 to 100.0"),
+    (dict(message="Hi", temperature=1e-40), "temperature must be 0 (greedy) or a number from 0.01 to 100.0"),
+    (dict(message="Hi", repetition_penalty=1e-40), "repetition_penalty must be a number from 0.01 to 100.0"),
+    (dict(message="Hi", seed=2**64), "seed must be None (random) or a whole number from 0 to 9223372036854775807"),
+    (dict(message="Hi", backend=["x"]), "backend must be a string: one of the keys /backends lists, got ['x']."),
+    (dict(message=["Hi"]), "message must be a non-empty string."),
+    (dict(message="Hi", system_prompt=5), "system_prompt must be a string (empty for none), got 5."),
+    (dict(message="Hi", stop="END"), ""),  # a single string is one stop string: accepted
+    (dict(message="Hi", stop=[1]), "stop must be a list of non-empty strings, got (1,)"),
+    (dict(message="Hi", history=[{"role": "user", "content": {"x": 1}}]), "history[0] must be a message"),
+    (dict(message="Hi", history="Hi"), "history must be a list of messages"),
+    (dict(message="x" * 20_001), "Your message has 20,001 characters, over the limit of 20,000: shorten it "
+                                 "(the limit is max_message_chars in [app] of the app config)."),
+    (dict(message="Hi", history=[{"role": "user", "content": "x"}] * 201),
+     "The history has 201 messages, over the limit of 200"),
+    (dict(message="Hi", history=[{"role": "user", "content": "x" * 100_001}] * 2),
+     "The history has 200,002 characters, over the limit of 200,000"),
+    (dict(message="Hi", system_prompt="s" * 8001), "The system prompt has 8,001 characters, over the limit"),
+    (dict(message="Hi", stop=["a"] * 17), "The stop list has 17 strings, over the limit of 16"),
+    (dict(message="Hi", stop=["a" * 201]), "A stop string has 201 characters, over the limit of 200"),
     (dict(message="Hi", top_k=2.5), "top_k must be a whole number"),
     (dict(message="Hi", max_new_tokens=1000), "leaves no room for the prompt"),
     (dict(message="   "), "message must be a non-empty string."),
@@ -166,11 +187,70 @@ USER_ERRORS = [
 
 
 def test_user_errors_come_back_as_one_sentence_and_log_nothing(app, client):
+    logged = 0
     for kwargs, sentence in USER_ERRORS:
+        if not sentence:
+            assert isinstance(client.predict(**kwargs, api_name="/chat"), str)
+            logged += 1
+            continue
+        start = time.perf_counter()
         with pytest.raises(AppError) as info:
             client.predict(**kwargs, api_name="/chat")
         assert sentence in str(info.value) and "Traceback" not in str(info.value), kwargs
-    assert app.exchanges() == []
+        assert str(info.value).count("\n") == 0 and time.perf_counter() - start < 10, kwargs
+    assert len(app.exchanges()) == logged
+
+
+def test_a_10_mb_message_is_refused_at_once_before_any_model_work(app, client, monkeypatch):
+    loads = []
+    monkeypatch.setattr(app.service.slots, "use", lambda key: loads.append(key))  # must not be reached
+    start = time.perf_counter()
+    with pytest.raises(AppError, match="Your message has 10,000,000 characters, over the limit of 20,000"):
+        client.predict("x" * 10_000_000, api_name="/chat")
+    assert time.perf_counter() - start < 10 and loads == [] and app.log_lines() == []
+
+
+def test_stats_calls_run_at_most_two_at_once(server):
+    [stats] = [fn for fn in server.demo.fns.values() if fn.api_name == "stats"]
+    assert stats.concurrency_limit == 2
+
+
+MESSAGES = st.one_of(st.text(max_size=12), st.integers(), st.none(), st.lists(st.text(max_size=3), max_size=2))
+CONTENT = st.one_of(st.text(max_size=6), st.integers(), st.none(),
+                    st.lists(st.one_of(st.text(max_size=3), st.fixed_dictionaries({"type": st.just("text"),
+                                                                                   "text": st.text(max_size=3)})),
+                             max_size=2))
+MESSAGE_DICT = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "robot"]),
+                                      "content": CONTENT})
+NUMBERS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.integers(min_value=2**62),
+                    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0, 1e-40, 1e40]),
+                    st.text(max_size=3))
+CHAT_ARGUMENTS = st.fixed_dictionaries({}, optional={
+    "history": st.one_of(st.none(), st.text(max_size=3), st.integers(), st.lists(MESSAGE_DICT, max_size=3)),
+    "backend": st.one_of(st.sampled_from(["native", "hf", "nope"]), st.integers(), st.none(),
+                         st.lists(st.text(max_size=2), max_size=2)),
+    "system_prompt": st.one_of(st.none(), st.text(max_size=8), st.integers()),
+    "max_new_tokens": st.one_of(st.integers(1, 4), NUMBERS), "temperature": NUMBERS, "top_k": NUMBERS,
+    "top_p": NUMBERS, "repetition_penalty": NUMBERS, "seed": NUMBERS,
+    "stop": st.one_of(st.none(), st.text(max_size=3), st.integers(), st.lists(st.one_of(st.text(max_size=3),
+                                                                                         st.integers()), max_size=2)),
+})
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(message=MESSAGES, arguments=CHAT_ARGUMENTS)
+def test_any_chat_call_is_a_logged_reply_or_one_sentence_never_a_crash(server, client, message, arguments):
+    server.mark_log()
+    try:
+        reply = client.predict(message, **arguments, api_name="/chat")
+    except AppError as exc:
+        text = str(exc)
+        assert text and "Traceback" not in text and "upstream Gradio app has raised" not in text, text
+        assert "\n" not in text and len(text) < 400, text
+        assert server.log_lines() == []  # a refused call logs nothing
+        return
+    [exchange] = server.exchanges()  # a reply is logged exactly once
+    assert isinstance(reply, str) and exchange["assistant"] == reply and exchange["user"] == message
 
 
 def test_a_backend_that_cannot_load_is_reported_not_crashed(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir):
@@ -245,3 +325,44 @@ def test_plain_http_call_as_docs_api_md_shows(app):
     final = json.loads(events.split("event: complete")[1].split("data:", 1)[1].strip().splitlines()[0])
     [exchange] = app.exchanges()
     assert final == [exchange["assistant"]] and exchange["user"] == "Hello!"
+
+
+def _ui_handler(server, name: str):
+    [fn] = [f.fn for f in server.demo.fns.values() if getattr(f.fn, "__name__", "") == name]
+    return fn
+
+
+def test_regenerate_while_send_streams_in_one_session_is_refused_and_logs_one_reply(server):
+    """Send and Regenerate are separate events: the second one in a session waits its turn with a sentence."""
+    import gradio as gr
+
+    server.mark_log()
+    send, regenerate = _ui_handler(server, "send"), _ui_handler(server, "regenerate")
+    request = gr.Request(session_hash="one-tab")
+    settings = ["native", "Be brief.", 8, 0, 0, 1.0, 1.0, "", ""]
+    sending = send("Hello", [], {}, *settings, request)
+    shown = next(sending)[1]  # the user's message is on the page and the reply is about to stream
+    next(sending)
+    with pytest.warns(UserWarning, match="A reply is still streaming in this chat"):
+        assert list(regenerate(shown, {}, *settings, request)) == [(gr.skip(),) * 4]
+        again = list(send("Hello again", shown, {}, *settings, request))
+    assert again == [(gr.skip(),) * 5]  # the typed message stays in its box
+    list(sending)
+    assert [e["user"] for e in server.exchanges()] == ["Hello"]
+    other = gr.Request(session_hash="another-tab")  # other sessions were never blocked, and this one is free
+    assert list(regenerate([{"role": "user", "content": "Hi"}], {}, *settings, other))
+    assert list(regenerate([{"role": "user", "content": "Hello"}], {}, *settings, request))
+    assert [e["user"] for e in server.exchanges()] == ["Hello", "Hi", "Hello"]
+
+
+def test_the_page_refuses_an_over_long_message_with_a_sentence_and_keeps_it_in_the_box(server):
+    import gradio as gr
+
+    server.mark_log()
+    send = _ui_handler(server, "send")
+    text = "x" * 20_001
+    with pytest.warns(UserWarning, match="Your message has 20,001 characters, over the limit of 20,000"):
+        outputs = list(send(text, [], {}, "native", "Be brief.", 8, 0, 0, 1.0, 1.0, "", "",
+                            gr.Request(session_hash="long")))
+    assert outputs[-1][:2] == (text, [])  # the message is back in its box, the chat as it was
+    assert server.log_lines() == []

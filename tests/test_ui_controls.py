@@ -41,11 +41,23 @@ def test_slider_floats_become_the_integers_the_config_wants():
     ((8, 0.7, 50, 0.9, 0.0, "", None), "repetition_penalty"),
     ((8, 0.7, 50, 0.9, 1.1, "", 1.5), "seed"),
     ((8, 0.7, 50, 0.9, 1.1, "", "abc"), "seed must be a whole number"),
-    ((None, 0.7, 50, 0.9, 1.1, "", None), "max_new_tokens"),
+    ((8, 1e-40, 50, 0.9, 1.1, "", None), "temperature must be 0 \\(greedy\\) or a number from 0.01 to 100"),
+    ((8, 0.7, 50, 0.9, 1e-40, "", None), "repetition_penalty must be a number from 0.01 to 100"),
+    ((8, 0.7, 50, 0.9, 1.1, "", 2**64), "seed must be None \\(random\\) or a whole number from 0 to"),
+    ((8, 0.7, 50, 0.9, 1.1, 5, None), "stop must be a list of strings"),
 ])
 def test_bad_settings_raise_a_sentence_naming_the_field(values, field):
     with pytest.raises(ValueError, match=field):
         generation_config(*values)
+
+
+def test_none_means_the_default_for_every_setting_and_random_for_the_seed():
+    defaults = GenerationConfig(max_new_tokens=33, temperature=0.2, top_k=7, top_p=0.5, repetition_penalty=1.3,
+                                stop=("END",), seed=9)
+    assert generation_config(None, None, None, None, None, None, None, defaults=defaults) == GenerationConfig(
+        max_new_tokens=33, temperature=0.2, top_k=7, top_p=0.5, repetition_penalty=1.3, stop=("END",), seed=None)
+    assert generation_config(None, None, None, None, None, None, None) == GenerationConfig()
+    assert generation_config(None, 0, 0, None, None, [], None, defaults=defaults).top_k is None  # 0 is off
 
 
 def test_turn_of_counts_exchanges_before_a_message():
