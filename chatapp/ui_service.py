@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from backends.native import serving_capacity
 from backends.registry import generation_defaults
 from chatapp.chat import respond
 from chatapp.history import ChatLog, ChatLogError
@@ -20,7 +21,9 @@ from chatapp.model_slot import ModelSlots
 from chatapp.ui_controls import stats_text
 
 GENERATE = "generate"  # concurrency group shared by the UI's replies and the /chat API
-GENERATE_LIMIT = 8  # replies streamed at once; one loaded model serves them all
+# Replies streamed at once: as many as the native engine decodes in one batch (more would only wait in
+# its queue); one loaded model serves them all.
+GENERATE_LIMIT = serving_capacity()
 
 
 class ChatService:
