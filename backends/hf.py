@@ -41,7 +41,7 @@ from backends.reply import ReplyStream, as_generation_config, check_prompt_fits,
 from backends.stops import StopMatcher
 from gpt.chat_format import ChatFormat
 from gpt.device import pick_device, pick_dtype
-from gpt.sampling import SamplingParams, counter_uniforms, pick_by_uniform, top_k_of
+from gpt.sampling import SamplingParams, counter_uniforms, pick_by_uniform, top_candidates, top_k_of
 from gpt.tokenizer import IncrementalDecoder
 
 # End-of-turn tokens of common chat models, besides the tokenizer's own eos.
@@ -200,7 +200,7 @@ class _SeededSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         B, V = scores.shape
-        vals, idx = torch.topk(scores.float(), min(self.candidates, V), dim=-1)
+        vals, idx = top_candidates(scores.float(), self.candidates)
         seeds = torch.full((B,), self.seed, dtype=torch.long, device=scores.device)
         steps = torch.full((B,), self.step, dtype=torch.long, device=scores.device)
         self.step += 1

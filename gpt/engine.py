@@ -23,11 +23,13 @@ from gpt.scheduler import Reply, Scheduler
 
 class Engine:
     def __init__(self, model: GPT, *, graphs: bool | None = None, capacity: int | None = None,
-                 kv_budget_bytes: int | None = None):
+                 kv_budget_bytes: int | None = None, deterministic: bool = True):
         """`graphs` (default: on CUDA) replays batched decode steps as CUDA graphs; `capacity` is how many
-        requests decode at once and `kv_budget_bytes` the KV cache's size (see Scheduler)."""
+        requests decode at once, `kv_budget_bytes` the KV cache's size, `deterministic=False` (CUDA) allows
+        faster attention kernels whose results vary slightly from run to run (see Scheduler)."""
         self.model = model.eval()
-        self.scheduler = Scheduler(model, capacity=capacity, kv_budget_bytes=kv_budget_bytes, graphs=graphs)
+        self.scheduler = Scheduler(model, capacity=capacity, kv_budget_bytes=kv_budget_bytes, graphs=graphs,
+                                   deterministic=deterministic)
         # When the engine goes (a model reload), its thread finishes the replies under way, then ends.
         weakref.finalize(self, self.scheduler.close)
 

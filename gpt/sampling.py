@@ -67,7 +67,7 @@ def sample_rows(logits: torch.Tensor, rows: RowSettings, uniforms: torch.Tensor,
     greedy = logits.argmax(dim=-1)
     temperature = torch.where(rows.temperature > 0, rows.temperature, torch.ones_like(rows.temperature))
     scaled = logits / temperature[:, None]
-    vals, idx = torch.topk(scaled, min(candidates or V, V), dim=-1)  # sorted, best first
+    vals, idx = top_candidates(scaled, candidates or V)
     rank = torch.arange(vals.size(-1), device=vals.device)
     vals = vals.masked_fill(rank[None, :] >= rows.top_k[:, None], float("-inf"))
     # top-p: drop the tokens whose probability, added up from the least likely, stays <= 1 - p; the most
@@ -77,6 +77,21 @@ def sample_rows(logits: torch.Tensor, rows: RowSettings, uniforms: torch.Tensor,
     remove[:, 0] = False
     sampled = idx.gather(1, pick_by_uniform(vals.masked_fill(remove, float("-inf")), uniforms)[:, None])
     return torch.where(rows.temperature > 0, sampled.squeeze(1), greedy)
+
+
+def top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best scores of each row (B, V) and their ids, best first; equal scores in id order.
+
+    bf16 logits tie often, and torch.topk on CUDA returns tied entries in no fixed order, which would
+    make a seeded draw pick a different id from run to run. So the sort key is (score, -id) packed into one
+    int64: the float's bits mapped to an order-preserving integer, then the id.
+    """
+    V = scores.size(-1)
+    bits = scores.float().contiguous().view(torch.int32).long()
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order == float order
+    ids = torch.arange(V, device=scores.device)
+    _, idx = torch.topk(ordered * (1 << 32) + (V - 1 - ids), min(k, V), dim=-1)
+    return scores.gather(-1, idx), idx
 
 
 def pick_by_uniform(sorted_logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

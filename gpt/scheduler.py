@@ -23,6 +23,7 @@ work on the GPU.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
@@ -38,6 +39,17 @@ from gpt.slots import Slots, bytes_per_position
 
 _END = object()
 _seed_counter = itertools.count(1)
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At interpreter exit, stop every scheduler thread between steps (not inside a kernel launch)."""
+    for scheduler in list(_live):
+        scheduler.close(cancel=True)
+    for scheduler in list(_live):
+        if scheduler.thread is not None:
+            scheduler.thread.join(timeout=5)
 
 
 def default_capacity(device: torch.device | str) -> int:
@@ -104,11 +116,13 @@ class Reply(Iterator[int]):
 
 class Scheduler:
     def __init__(self, model: GPT, *, capacity: int | None = None, kv_budget_bytes: int | None = None,
-                 prefill_chunk: int | None = None, graphs: bool | None = None, window: int | None = None):
+                 prefill_chunk: int | None = None, graphs: bool | None = None, window: int | None = None,
+                 deterministic: bool = True):
         """`capacity`: requests decoded at once (default_capacity). `kv_budget_bytes`: the KV cache's size;
         the context each request gets is what fits (at most the model's); default 1 GiB on CPU, a quarter of
         the free memory on CUDA. `graphs` (default: on CUDA) replays decode steps as CUDA graphs; `window`
-        rounds the attention span up (fewer graphs; default 256 with graphs, 1 without)."""
+        rounds the attention span up (fewer graphs; default 256 with graphs, 1 without). `deterministic`
+        (CUDA): keep to attention kernels that give the same result every run, so seeds reproduce."""
         self.model = model.eval()
         device = self.device
         self.capacity = capacity or default_capacity(device)
@@ -125,14 +139,21 @@ class Scheduler:
         if self.context_length < 16:
             raise ValueError(f"a KV budget of {kv_budget_bytes} bytes holds under 16 positions for each of "
                              f"{self.capacity} requests: give a larger budget or a smaller capacity")
+        if device.type == "cuda" and deterministic:
+            # cuDNN's attention kernel gave different results for the same inputs from run to run (H100,
+            # torch 2.11), so a seeded reply did not reproduce; the memory-efficient kernel that runs instead
+            # is deterministic but slower at batch 1 (docs/benchmarks.md). The switch is process-wide.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self._slots: Slots | None = None  # made by the scheduler thread on first use
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._decoding: list[_Job] = []  # index = row
         self._prefilling: _Job | None = None
+        self._in_flight: torch.Tensor | None = None  # the new ids of a queued decode step, not yet read
         self._closed = False
         self.thread: threading.Thread | None = None
         self._threads = torch.get_num_threads()  # the CPU threads the creator gave torch, for the loop too
+        _live.add(self)
 
     @property
     def device(self) -> torch.device:
@@ -164,10 +185,14 @@ class Scheduler:
             self._cond.notify()
         return Reply(self, job)
 
-    def close(self) -> None:
-        """Stop taking requests; the thread finishes the ones it has, then ends and frees the cache."""
+    def close(self, cancel: bool = False) -> None:
+        """Stop taking requests; the thread finishes the ones it has (or with `cancel`, drops them at the
+        next step), then ends and frees the cache."""
         with self._cond:
             self._closed = True
+            if cancel:
+                for job in [*self._waiting, *self._decoding, *([self._prefilling] if self._prefilling else [])]:
+                    job.cancelled = True
             self._cond.notify()
 
     @property
@@ -213,12 +238,15 @@ class Scheduler:
     def _turn(self) -> None:
         if self._slots is None:
             self._slots = Slots(self.model, self.capacity, self.context_length, graphs=self.graphs)
+        if self._in_flight is not None:  # collect the step queued last turn (maybe queueing the next)
+            self._collect()
+            return
         self._drop_cancelled()
         self._admit()
         if self._prefilling is not None:
             self._prefill_chunk()
         if self._decoding:
-            self._decode_step()
+            self._launch()
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -259,19 +287,34 @@ class Scheduler:
         if not self._deliver(job, token):
             self._leave([job], None)
 
-    def _decode_step(self) -> None:
+    def _launch(self) -> None:
+        """Queue one decode step for every decoding request (on CUDA: a graph replay; on CPU it runs now)."""
         n = len(self._decoding)
         b = n if not self.graphs else next(s for s in _buckets(self.capacity) if s >= n)
         longest = max(j.filled for j in self._decoding) + 1
         span = min(-(-longest // self.window) * self.window, self.context_length + 1)
         candidates = max(top_k_of(j.params, self._slots.vocab_size) for j in self._decoding)
-        ids = self._slots.step(b, span, candidates)[:n].tolist()  # the one host read of the step
-        done = []
-        for job, token in zip(self._decoding, ids, strict=True):
+        self._in_flight = self._slots.step(b, span, candidates)[:n]
+
+    def _collect(self) -> None:
+        """Read the step's new ids (the one host read of a step) and hand them out. When no request ends
+        with them and nothing waits to join, the next step is queued first, so that the device computes it
+        while this thread hands the ids out."""
+        ids = self._in_flight.tolist()
+        self._in_flight = None
+        jobs = list(self._decoding)
+        for job in jobs:
             job.filled += 1
-            if not self._deliver(job, token):
-                done.append(job)
+        if self._steady(jobs, ids):
+            self._launch()
+        done = [job for job, token in zip(jobs, ids, strict=True) if not self._deliver(job, token)]
         self._leave(done, None)
+
+    def _steady(self, jobs: list[_Job], ids: list[int]) -> bool:
+        if self._prefilling is not None or (self._waiting and len(jobs) < self.capacity):
+            return False
+        return not any(j.cancelled or t in j.stop_ids or j.generated + 1 >= j.max_new_tokens
+                       for j, t in zip(jobs, ids, strict=True))
 
     def _deliver(self, job: _Job, token: int) -> bool:
         """Hand `token` to the request's consumer; False when the request has ended."""
@@ -313,7 +356,7 @@ class Scheduler:
 
     def _fail_all(self, exc: Exception) -> None:
         jobs = self._decoding + ([self._prefilling] if self._prefilling else [])
-        self._decoding, self._prefilling = [], None
+        self._decoding, self._prefilling, self._in_flight = [], None, None
         self._slots = None  # start again from a fresh cache
         for job in jobs:
             job.queue.put(exc)

@@ -11,7 +11,7 @@ model's forward keeps every weight format the model loads (plain or quantised li
 Rows past the live ones (padding up to a batch-size bucket, or a request still in prefill) are inactive:
 they write their keys at the scratch position (the last one, which no request uses) and stay put.
 
-Everything a step needs lives in device buffers (`tokens`, `pos`, per-row sampling settings, seeds, the
+Everything a step needs lives in device buffers (`tokens`, `pos`, per-row sampling settings, uniform draws, the
 repetition-penalty mask `seen`), and the step advances them itself, so one step is a fixed sequence of
 kernels: on CUDA it is recorded once per (bucket, span, candidates) as a CUDA graph and replayed. Only the
 thread that owns the model (the scheduler's) may call anything here.
@@ -96,10 +96,12 @@ class Slots:
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.pos = torch.full((rows,), self.scratch, dtype=torch.long, device=device)
         self.active = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.seeds = torch.zeros(rows, dtype=torch.long, device=device)
         self.steps = torch.zeros(rows, dtype=torch.long, device=device)
         self.settings = RowSettings.of([SamplingParams(temperature=0)] * rows, V, device)
         self.seen = torch.zeros(rows, V, dtype=torch.bool, device=device)
+        # Each row's uniform numbers for every step it can take, hashed once when it starts (a step then
+        # reads its draw with one gather instead of hashing on the device every step).
+        self.uniforms = torch.zeros(rows, context + 1, dtype=torch.float32, device=device)
         self.out = torch.zeros(rows, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
@@ -111,7 +113,6 @@ class Slots:
         device = self.tokens.device
         self.active[row] = False
         self.pos[row] = self.scratch
-        self.seeds[row] = seed
         self.steps[row] = 0
         s = self.settings
         s.temperature[row] = params.temperature
@@ -119,6 +120,8 @@ class Slots:
         s.top_p[row] = params.top_p
         s.penalty[row] = params.repetition_penalty
         self.seen[row] = False
+        steps = torch.arange(self.context + 1, device=device)
+        self.uniforms[row] = counter_uniforms(torch.full_like(steps, seed), steps)
         if params.repetition_penalty != 1.0:
             self.seen[row, torch.tensor(prompt_ids, dtype=torch.long, device=device)] = True
 
@@ -147,7 +150,7 @@ class Slots:
         """Row `src`'s request moves to row `dst` (keys, values of its first `length` positions, state)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-        for buf in (self.tokens, self.pos, self.active, self.seeds, self.steps, self.seen,
+        for buf in (self.tokens, self.pos, self.active, self.steps, self.seen, self.uniforms,
                     self.settings.temperature, self.settings.top_k, self.settings.top_p, self.settings.penalty):
             buf[dst] = buf[src]
         self.deactivate(src)
@@ -178,7 +181,8 @@ class Slots:
     def _sample(self, logits: torch.Tensor, r: slice, candidates: int) -> torch.Tensor:
         s = self.settings
         rows = type(s)(s.temperature[r], s.top_k[r], s.top_p[r], s.penalty[r])
-        return sample_rows(logits, rows, counter_uniforms(self.seeds[r], self.steps[r]), self.seen[r], candidates)
+        uniforms = self.uniforms[r].gather(1, self.steps[r, None].clamp(max=self.context)).squeeze(1)
+        return sample_rows(logits, rows, uniforms, self.seen[r], candidates)
 
     def _note(self, r: slice, ids: torch.Tensor, live: torch.Tensor) -> None:
         """Add the new ids to the live rows' penalty masks (other rows' masks keep what they had)."""

@@ -198,3 +198,12 @@ def test_a_dropped_engine_ends_its_thread_after_the_replies_under_way():
     while thread_of.thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not thread_of.thread.is_alive()
+
+
+def test_tied_scores_are_ranked_by_id_so_a_seeded_draw_never_depends_on_sort_order():
+    from gpt.sampling import top_candidates
+
+    scores = torch.tensor([[1.0, 3.0, -2.0, 3.0, float("-inf"), -0.5, 0.0, 3.0, 2.5]])
+    values, ids = top_candidates(scores, 6)
+    assert ids.tolist() == [[1, 3, 7, 8, 0, 6]]
+    assert values.tolist() == [[3.0, 3.0, 3.0, 2.5, 1.0, 0.0]]
