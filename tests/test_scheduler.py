@@ -207,3 +207,23 @@ def test_tied_scores_are_ranked_by_id_so_a_seeded_draw_never_depends_on_sort_ord
     values, ids = top_candidates(scores, 6)
     assert ids.tolist() == [[1, 3, 7, 8, 0, 6]]
     assert values.tolist() == [[3.0, 3.0, 3.0, 2.5, 1.0, 0.0]]
+
+
+def test_the_app_streams_as_many_replies_at_once_as_the_engine_decodes():
+    from backends.native import serving_capacity
+    from chatapp.ui_service import GENERATE_LIMIT
+    from gpt.scheduler import default_capacity
+
+    assert GENERATE_LIMIT == serving_capacity() == default_capacity("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_native_backend_replies_streamed_at_once_equal_the_same_replies_one_by_one(tiny_native_ckpt):
+    from backends import GenerationConfig, create_backend
+
+    backend = create_backend("native", checkpoint=str(tiny_native_ckpt), device="cpu")
+    prompt = backend.format_chat([{"role": "user", "content": "Tell me a story."}])
+    configs = [GenerationConfig(max_new_tokens=12, seed=s, temperature=0.9) for s in range(4)]
+    alone = [backend.generate(prompt, c) for c in configs]
+    streams = [backend.stream(prompt, c) for c in configs]
+    assert ["".join(s) for s in streams] == alone
+    assert backend._model().engine.scheduler.thread.is_alive()
