@@ -10,8 +10,9 @@
 Prompts are rendered by gpt.chat_format.ChatFormat (the tokenizer's chat template when it has one, else the
 same plain-text turns as the native engine). Replies stream from `model.generate` in a thread through a
 `TextIteratorStreamer`. Every GenerationConfig field maps onto transformers' own logits processors; only the
-final random draw uses a generator private to the call, because `torch.manual_seed` is process-wide and two
-sessions sampling at once would otherwise share one random stream and the seed would not be honoured.
+final random draw is the native engine's (a uniform number hashed from (seed, step), gpt/sampling.py): the
+seed is private to the call (`torch.manual_seed` is process-wide, and two sessions sampling at once would
+otherwise share one random stream), and the same seed gives the same reply in both engines.
 Generation halts at the token that completes a stop string, at end-of-text, or when the consumer closes
 the stream.
 """
@@ -40,6 +41,7 @@ from backends.reply import ReplyStream, as_generation_config, check_prompt_fits,
 from backends.stops import StopMatcher
 from gpt.chat_format import ChatFormat
 from gpt.device import pick_device, pick_dtype
+from gpt.sampling import SamplingParams, counter_uniforms, pick_by_uniform, top_candidates, top_k_of
 from gpt.tokenizer import IncrementalDecoder
 
 # End-of-turn tokens of common chat models, besides the tokenizer's own eos.
@@ -181,24 +183,28 @@ def _sampling_processors(cfg: GenerationConfig, device) -> LogitsProcessorList:
         processors.append(TopKLogitsWarper(top_k=cfg.top_k))
     if cfg.top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p=cfg.top_p))
-    generator = torch.Generator(device=device)
-    if cfg.seed is not None:
-        generator.manual_seed(cfg.seed)
-    else:
-        generator.seed()
-    processors.append(_SeededSampler(generator))
+    seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    processors.append(_SeededSampler(seed, top_k_of(SamplingParams(cfg.temperature, cfg.top_k), 1 << 62)))
     return LogitsProcessorList(processors)
 
 
 class _SeededSampler(LogitsProcessor):
-    """Draw the next token from the warped scores with this call's generator; leave only it standing."""
+    """Draw the next token from the warped scores with the native engine's draw (gpt/sampling.py: the
+    uniform number of (seed, step), inverse CDF over the best `candidates` ids), so that a seed gives the
+    same reply in both engines; leave only the drawn token standing."""
 
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
+    def __init__(self, seed: int, candidates: int):
+        self.seed = seed % 2**63
+        self.candidates = candidates
+        self.step = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float(), dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=self.generator)
+        B, V = scores.shape
+        vals, idx = top_candidates(scores.float(), self.candidates)
+        seeds = torch.full((B,), self.seed, dtype=torch.long, device=scores.device)
+        steps = torch.full((B,), self.step, dtype=torch.long, device=scores.device)
+        self.step += 1
+        choice = idx.gather(1, pick_by_uniform(vals, counter_uniforms(seeds, steps))[:, None])
         return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
 
 

@@ -6,9 +6,11 @@
     prompt = backend.format_chat([{"role": "user", "content": "Hi"}])
     print(backend.generate(prompt, GenerationConfig(temperature=0)))
 
-The model loads on first use. One backend can serve several chat sessions at once: every call works on
-its own KV cache and its own random generator, and `release()`/`reload()` swap the model under a lock
-while replies already under way finish on the model they started with.
+The model loads on first use. One backend serves many chat sessions at once: every reply is a request
+to the engine's scheduler (gpt/scheduler.py), whose one thread decodes all live replies as one batch,
+each with its own KV row, settings and seed; closing a reply's stream frees its row at the next step.
+`release()`/`reload()` swap the model under a lock while replies already under way finish on the model
+they started with.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from gpt.checkpoint import CheckpointError, load_checkpoint, native_models_dir, 
 from gpt.device import pick_device, pick_dtype
 from gpt.engine import Engine
 from gpt.sampling import SamplingParams
+from gpt.scheduler import default_capacity
 from gpt.tokenizer import IncrementalDecoder, Tokenizer
+
+
+def serving_capacity(device: str | None = None) -> int:
+    """How many replies the native engine decodes at once on `device` (default: the one it would pick);
+    the app lets that many stream at once, and queues the rest."""
+    return default_capacity(pick_device(device))
 
 
 @dataclass(frozen=True)

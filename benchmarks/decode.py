@@ -2,7 +2,7 @@
 
     python -m benchmarks.decode                                  # CPU fp32, GPT-2-124M shape, 512 + 128 tokens
     python -m benchmarks.decode --dtype bf16                     # the bf16 path on CPU
-    python -m benchmarks.decode --device cuda --dtype bf16 --compile --json
+    python -m benchmarks.decode --device cuda --dtype bf16 --json
     python -m benchmarks.decode --model smollm2                  # the converted bundled SmolLM2 vs transformers
 
 Both backends run in one process, alternating (the order flips every repeat), batch 1, greedy, with no
@@ -147,10 +147,8 @@ def parse_args(argv):
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to generate per run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per backend (alternating); medians reported")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the native CUDA decode step with torch.compile (inside its CUDA graph)")
     p.add_argument("--no-fast", action="store_true",
-                   help="use the engine's plain path (no static cache / CUDA graph) even on CUDA")
+                   help="run the engine's decode steps eagerly (no CUDA graphs) even on CUDA")
     p.add_argument("--no-hf-static", action="store_true", help="on CUDA, skip transformers' static cache + compile")
     p.add_argument("--seed", type=int, default=1234, help="seed for the random weights and the prompt")
     p.add_argument("--n-layer", type=int, default=12, help="gpt2-124m: layers (smaller for smoke tests)")
@@ -178,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt_tokens + args.new_tokens > context:
         print(f"error: --prompt-tokens + --new-tokens must fit the context of {context} tokens", file=sys.stderr)
         return 2
-    engine = Engine(native, fast=not args.no_fast and device.type == "cuda", compile=args.compile)
+    engine = Engine(native, graphs=not args.no_fast and device.type == "cuda")
     prompt = prompt_ids(native.config.vocab_size, args.prompt_tokens, args.seed)
 
     runners = {"native": lambda n: run_native(engine, prompt, n), "hf": lambda n: run_hf(hf, prompt, n, "dynamic")}
@@ -202,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model if args.model != "gpt2-124m" or shape == SHAPE_124M else f"gpt2-{args.n_layer}x{args.n_embd}",
         "device": device.type, "hardware": hardware_name(device),
         "dtype": str(dtype).replace("torch.", ""), "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "native_fast_path": engine.fast,
-        "native_compile": args.compile, "torch": torch.__version__,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "native_fast_path": engine.scheduler.graphs,
+        "torch": torch.__version__,
         "copy_gb_s": bandwidth / 1e9, "weight_mb": wbytes / 2**20, "roofline_tok_s": roofline,
     }
     for name, s in series.items():

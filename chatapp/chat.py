@@ -19,12 +19,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from backends.base import GenerationConfig
+from backends.native import serving_capacity
 from backends.stops import StopMatcher
 from chatapp.budget import Prompt, build_prompt
 from chatapp.history import ChatLog
 from gpt.chat_format import message_text
 
-GENERATE_LIMIT = 8  # replies streamed at once by each edge (the UI's queue, the /v1 API); one model serves all
+# Replies streamed at once by each edge (the UI's queue, the /v1 API): as many as the native engine decodes in
+# one batch (more would only wait in its queue); one loaded model serves them all.
+GENERATE_LIMIT = serving_capacity()
 
 
 @dataclass

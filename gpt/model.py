@@ -74,6 +74,26 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def positions(self, T: int, device) -> torch.Tensor:
+        """Position ids of the next T tokens: (T,), the same for every row."""
+        return torch.arange(self.pos, self.pos + T, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys and values (B, n_kv_head, T, head_dim); return what attention reads:
+        (keys, values, mask or None, causal)."""
+        B, _, T, _ = k.shape
+        start, end = self.pos, self.pos + T
+        self.k[layer, :B, :, start:end] = k
+        self.v[layer, :B, :, start:end] = v
+        if start == 0:
+            return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end], None, True
+        # A chunk after a filled prefix: each new position sees the prefix and its own past.
+        mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=start) if T > 1 else None
+        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end], mask, False
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -128,15 +148,8 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
-        if cache is not None:
-            start, end = cache.pos, cache.pos + T
-            cache.k[self.layer, :B, :, start:end] = k
-            cache.v[self.layer, :B, :, start:end] = v
-            k, v = cache.k[self.layer, :B, :, :end], cache.v[self.layer, :B, :, :end]
-            if start > 0:
-                causal = False
-                if T > 1:  # a chunk after a filled prefix: each new position sees the prefix and its past
-                    mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        if cache is not None:  # a KVCache, or the scheduler's per-row slots (gpt/slots.py)
+            k, v, mask, causal = cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and T > 1,
             dropout_p=cfg.dropout if self.training else 0.0,
@@ -226,20 +239,24 @@ class GPT(nn.Module):
         logits for the last position only (what decoding needs; saves the big vocabulary matmul).
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
+        start = cache.pos if isinstance(cache, KVCache) else 0  # slot caches check their rows themselves
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
         x = self.transformer.wte(idx)
+        # Position ids: (T,) for a KVCache or no cache, (B, T) where each row has its own position.
+        pos = cache.positions(T, idx.device) if cache is not None else torch.arange(T, device=idx.device)
         rope = None
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(pos)
         else:
-            rope = self._rope(start, T, idx.device)
+            cos, sin = self._rope(0, self.config.block_size, idx.device)
+            cos, sin = cos[pos], sin[pos]
+            rope = (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))  # (B, 1, T, hd)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.transformer.ln_f(x)
         if last_only and targets is None:
             return self.lm_head(x[:, -1:, :])

@@ -64,3 +64,17 @@ def test_train_benchmark_reports_throughput_and_mfu_only_with_a_known_peak(capsy
     assert result["final_loss"] > 0
     assert train.main(tiny + ["--peak-tflops", "1"]) == 0
     assert 0 < last_json_line(capsys)["mfu"] < 1
+
+
+def test_serve_benchmark_reports_every_stream_count_for_both_backends(capsys):
+    from benchmarks import serve
+
+    assert serve.main(["--device", "cpu", "--dtype", "fp32", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                       "--streams", "1,3", "--prompt-tokens", "12", "--new-tokens", "5", "--json"]) == 0
+    result = last_json_line(capsys)
+    rows = {(r["backend"], r["streams"]): r for r in result["rows"]}
+    assert set(rows) == {("native", 1), ("native", 3), ("hf-threads", 1), ("hf-threads", 3)}
+    for r in rows.values():
+        assert r["errors"] == 0 and r["agg_tok_s"] > 0 and r["itl_p95_ms"] >= r["itl_p50_ms"]
+    assert rows[("native", 3)]["vs_one"] == pytest.approx(rows[("native", 3)]["agg_tok_s"] / rows[("native", 1)]["agg_tok_s"])
+    assert rows[("native", 3)]["same_as_alone"] == 3  # fp32 on CPU: batching changes no reply here

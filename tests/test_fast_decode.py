@@ -1,8 +1,9 @@
 """The static-cache decoder (gpt/fast_decode.py) and its fused kernels (gpt/gemv.py) pick what the plain path picks.
 
-On CUDA the engine decodes through StaticDecoder (CUDA graphs, Triton kernels); here the same step runs
-eagerly on CPU, which pins its logic: the position tensor, the masked cache window and its growth, the
-one-copy key/value write, in-step greedy feedback, and the engine's switch between the two paths.
+The engine serves through the batched scheduler (gpt/scheduler.py); StaticDecoder is the batch-1 CUDA-graph
+decoder with fused Triton kernels that benchmarks/profile_decode.py profiles. Here its step runs eagerly on
+CPU, which pins its logic: the position tensor, the masked cache window and its growth, the one-copy
+key/value write and in-step greedy feedback.
 """
 
 from __future__ import annotations
@@ -26,13 +27,7 @@ def tiny(**arch) -> GPT:
 
 
 def plain(model, prompt, n, params=GREEDY, seed=None):
-    return list(Engine(model, fast=False).generate(prompt, n, params, seed=seed))
-
-
-def fast_engine(model, window=16) -> Engine:
-    engine = Engine(model, fast=True)
-    engine._decoder = StaticDecoder(model, window=window)  # small windows: the run crosses several
-    return engine
+    return list(Engine(model).generate(prompt, n, params, seed=seed))
 
 
 @pytest.mark.parametrize("arch", [{}, LLAMA], ids=["gpt2", "llama"])
@@ -53,47 +48,13 @@ def test_static_step_logits_equal_the_plain_forward_across_windows(arch):
 
 
 @pytest.mark.parametrize("arch", [{}, LLAMA], ids=["gpt2", "llama"])
-def test_fast_engine_greedy_ids_equal_the_plain_path(arch):
+def test_static_decoder_greedy_ids_equal_the_engine(arch):
     model = tiny(**arch)
     prompt = list(range(5, 30))
-    assert list(fast_engine(model).generate(prompt, 60, GREEDY)) == plain(model, prompt, 60)
-
-
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, repetition_penalty=1.3),
-                                    SamplingParams(temperature=0.9, top_k=20, top_p=0.9)],
-                         ids=["greedy-penalty", "sampled"])
-def test_fast_engine_sampling_and_repetition_penalty_equal_the_plain_path(params):
-    model = tiny()
-    prompt = [7, 8, 9, 7, 8, 9, 10]
-    assert list(fast_engine(model).generate(prompt, 40, params, seed=11)) == plain(model, prompt, 40, params, 11)
-
-
-def test_fast_engine_stops_at_a_stop_id_and_is_reusable_after():
-    model = tiny()
-    prompt = list(range(10, 20))
-    reference = plain(model, prompt, 30)
-    stop = reference[12]
-    engine = fast_engine(model)
-    got = list(engine.generate(prompt, 30, GREEDY, stop_ids={stop}))
-    assert got == reference[:reference.index(stop)]
-    assert list(engine.generate(prompt, 30, GREEDY)) == reference  # the run ahead left nothing behind
-
-
-def test_a_second_concurrent_generation_takes_the_plain_path_and_both_are_right():
-    model = tiny()
-    engine = fast_engine(model)
-    a, b = [1, 2, 3, 4], [50, 60, 70]
-    first, second = engine.generate(a, 20, GREEDY), engine.generate(b, 20, GREEDY)
-    out_a, out_b = [], []
-    for x, y in zip(first, second, strict=True):  # interleaved: the second cannot share the static cache
-        out_a.append(x)
-        out_b.append(y)
-    assert out_a == plain(model, a, 20) and out_b == plain(model, b, 20)
-
-
-def test_engine_uses_the_static_decoder_on_cuda_only_by_default():
-    assert Engine(tiny()).fast is False
-    assert Engine(tiny(), fast=True).fast is True
+    decoder = StaticDecoder(model, window=16)  # small windows: the run crosses several
+    with torch.inference_mode():
+        first = decoder.prefill(prompt).argmax(-1)
+    assert list(decoder.greedy(first, 60)) == plain(model, prompt, 60)
 
 
 def test_static_decoder_refuses_a_prompt_that_fills_its_cache():

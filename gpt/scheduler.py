@@ -1,0 +1,371 @@
+"""One thread owns the model and decodes every live request in one batch (continuous batching).
+
+    scheduler = Scheduler(model)                      # capacity and KV budget default by device
+    reply = scheduler.submit(prompt_ids, max_new_tokens=64, params=SamplingParams(), stop_ids={2}, seed=1)
+    reply.place                                        # 0 once it runs; 1, 2, ... its place in line while it waits
+    for token_id in reply:                             # ids arrive as the batch produces them
+        ...
+    reply.close()                                      # or just drop it: the request leaves at the next step
+
+Each loop turn of the scheduler thread: drop requests whose consumer went away, admit waiting requests
+into free KV rows (gpt/slots.py), run one chunk of at most `prefill_chunk` prompt tokens of the request
+being prefilled, then one decode step for every request that is decoding, and hand each request its new
+id. Requests join and leave between steps; a prompt's prefill is interleaved with the others' decoding, a
+chunk at a time, so a long prompt never freezes the other replies. Each request keeps its own sampling
+settings, seed, stop ids and token limit; its draws depend only on (seed, step), so a seeded request
+gives the same reply alone or in any batch (up to floating-point differences batching makes in the
+logits; docs/benchmarks.md says how often greedy ids differed).
+
+No other thread runs the model: callers only put requests in and take ids out. That is also what makes
+CUDA-graph capture safe: graphs are captured on this thread, between its own steps, never beside other
+work on the GPU.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import queue
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from gpt.model import GPT
+from gpt.sampling import SamplingParams, top_k_of
+from gpt.slots import Slots, bytes_per_position
+
+_END = object()
+_seed_counter = itertools.count(1)
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At interpreter exit, stop every scheduler thread between steps (not inside a kernel launch)."""
+    for scheduler in list(_live):
+        scheduler.close(cancel=True)
+    for scheduler in list(_live):
+        if scheduler.thread is not None:
+            scheduler.thread.join(timeout=5)
+
+
+def default_capacity(device: torch.device | str) -> int:
+    """Requests decoded at once by default: 16 on a GPU, 8 on a CPU (where 8 already fill the cores)."""
+    return 16 if torch.device(device).type == "cuda" else 8
+
+
+class _Job:
+    def __init__(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams, stop_ids: set[int],
+                 seed: int, wake):
+        self.prompt_ids, self.max_new_tokens, self.params = prompt_ids, max_new_tokens, params
+        self.stop_ids, self.seed = stop_ids, seed
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.row: int | None = None
+        self.filled = 0  # cache positions written (prompt chunks, then one per decode step)
+        self.generated = 0
+        self.cancelled = False
+        self.finished = False
+        self.finish_reason: str | None = None
+        self._wake = wake
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._wake()
+
+
+class Reply(Iterator[int]):
+    """The ids of one request, as they come; `place` is its place in line (0 once it runs)."""
+
+    def __init__(self, scheduler: Scheduler, job: _Job):
+        self._scheduler, self._job = scheduler, job
+        self._done = False
+        weakref.finalize(self, job.cancel)  # a consumer that goes away frees the request's row
+
+    def __iter__(self) -> Reply:
+        return self
+
+    def __next__(self) -> int:
+        if self._done:
+            raise StopIteration
+        item = self._job.queue.get()
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
+
+    @property
+    def place(self) -> int | None:
+        """0 while it runs, n >= 1 while n - 1 requests wait ahead of it, None once it has finished."""
+        return self._scheduler._place_of(self._job)
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" (a stop id), "length" (max_new_tokens), "cancelled", or None while it runs."""
+        return self._job.finish_reason
+
+    def close(self) -> None:
+        self._done = True
+        self._job.cancel()
+
+
+class Scheduler:
+    def __init__(self, model: GPT, *, capacity: int | None = None, kv_budget_bytes: int | None = None,
+                 prefill_chunk: int | None = None, graphs: bool | None = None, window: int | None = None,
+                 deterministic: bool = True):
+        """`capacity`: requests decoded at once (default_capacity). `kv_budget_bytes`: the KV cache's size;
+        the context each request gets is what fits (at most the model's); default 1 GiB on CPU, a quarter of
+        the free memory on CUDA. `graphs` (default: on CUDA) replays decode steps as CUDA graphs; `window`
+        rounds the attention span up (fewer graphs; default 256 with graphs, 1 without). `deterministic`
+        (CUDA): keep to attention kernels that give the same result every run, so seeds reproduce."""
+        self.model = model.eval()
+        device = self.device
+        self.capacity = capacity or default_capacity(device)
+        self.graphs = device.type == "cuda" if graphs is None else graphs
+        self.window = window or (256 if self.graphs else 1)
+        self.prefill_chunk = prefill_chunk or (512 if device.type == "cuda" else 128)
+        if kv_budget_bytes is None:
+            if device.type == "cuda":
+                kv_budget_bytes = torch.cuda.mem_get_info(device)[0] // 4
+            else:
+                kv_budget_bytes = 1 << 30
+        fits = kv_budget_bytes // (self.capacity * bytes_per_position(model)) - 1
+        self.context_length = min(model.config.block_size, fits)
+        if self.context_length < 16:
+            raise ValueError(f"a KV budget of {kv_budget_bytes} bytes holds under 16 positions for each of "
+                             f"{self.capacity} requests: give a larger budget or a smaller capacity")
+        if device.type == "cuda" and deterministic:
+            # cuDNN's attention kernel gave different results for the same inputs from run to run (H100,
+            # torch 2.11), so a seeded reply did not reproduce; the memory-efficient kernel that runs instead
+            # is deterministic but slower at batch 1 (docs/benchmarks.md). The switch is process-wide.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        self._slots: Slots | None = None  # made by the scheduler thread on first use
+        self._cond = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._decoding: list[_Job] = []  # index = row
+        self._prefilling: _Job | None = None
+        self._in_flight: torch.Tensor | None = None  # the new ids of a queued decode step, not yet read
+        self._closed = False
+        self.thread: threading.Thread | None = None
+        self._threads = torch.get_num_threads()  # the CPU threads the creator gave torch, for the loop too
+        _live.add(self)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.transformer.wte.weight.device
+
+    # --- the callers' side ------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
+               stop_ids: Iterable[int] = (), seed: int | None = None) -> Reply:
+        """Queue a request; its ids come from the returned Reply. A stop id ends it and is not yielded."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("the prompt must have at least one token")
+        room = self.context_length - len(prompt_ids)
+        if room <= 0:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if seed is None:  # unseeded: a fresh draw per request
+            seed = int(torch.randint(0, 2**62, (1,)).item()) ^ next(_seed_counter)
+        job = _Job(prompt_ids, min(max_new_tokens, room), params, set(stop_ids), int(seed) % 2**63, self._wake)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("this scheduler was closed; load the model again")
+            self._waiting.append(job)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="gpt-scheduler", daemon=True)
+                self.thread.start()
+            self._cond.notify()
+        return Reply(self, job)
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop taking requests; the thread finishes the ones it has (or with `cancel`, drops them at the
+        next step), then ends and frees the cache."""
+        with self._cond:
+            self._closed = True
+            if cancel:
+                for job in [*self._waiting, *self._decoding, *([self._prefilling] if self._prefilling else [])]:
+                    job.cancelled = True
+            self._cond.notify()
+
+    @property
+    def running(self) -> int:
+        return len(self._decoding) + (self._prefilling is not None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _place_of(self, job: _Job) -> int | None:
+        with self._cond:
+            if job.finished:
+                return None
+            if job.row is not None:
+                return 0
+            try:
+                return self._waiting.index(job) + 1
+            except ValueError:
+                return None
+
+    # --- the scheduler thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        while True:
+            with self._cond:
+                while not (self._waiting or self._decoding or self._prefilling or self._closed):
+                    self._cond.wait()
+                if self._closed and not (self._waiting or self._decoding or self._prefilling):
+                    self._slots = None
+                    return
+            try:
+                with torch.inference_mode():
+                    self._turn()
+            except Exception as exc:  # noqa: BLE001 - every request in flight learns why, the thread lives on
+                self._fail_all(exc)
+
+    def _turn(self) -> None:
+        if self._slots is None:
+            self._slots = Slots(self.model, self.capacity, self.context_length, graphs=self.graphs)
+        if self._in_flight is not None:  # collect the step queued last turn (maybe queueing the next)
+            self._collect()
+            return
+        self._drop_cancelled()
+        self._admit()
+        if self._prefilling is not None:
+            self._prefill_chunk()
+        if self._decoding:
+            self._launch()
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            for job in [j for j in self._waiting if j.cancelled]:
+                self._waiting.remove(job)
+                self._finish(job, "cancelled")
+        if self._prefilling is not None and self._prefilling.cancelled:
+            job, self._prefilling = self._prefilling, None
+            self._slots.deactivate(job.row)
+            self._finish(job, "cancelled")
+        self._leave([j for j in self._decoding if j.cancelled], "cancelled")
+
+    def _admit(self) -> None:
+        """The first waiting request takes the free row after the decoding ones (one prefill at a time)."""
+        with self._cond:
+            if self._prefilling is not None or not self._waiting or len(self._decoding) >= self.capacity:
+                return
+            job = self._waiting.popleft()
+            job.row = len(self._decoding)
+        self._prefilling = job
+        self._slots.start_row(job.row, job.prompt_ids, job.params, job.seed)
+
+    def _prefill_chunk(self) -> None:
+        job = self._prefilling
+        start = job.filled
+        chunk = job.prompt_ids[start:start + self.prefill_chunk]
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        logits = self.model(ids, cache=self._slots.prefill_view(job.row, start), last_only=True)[:, -1, :]
+        job.filled += len(chunk)
+        if job.filled < len(job.prompt_ids):
+            return
+        first = self._slots.first_token(job.row, logits)
+        token = int(first.item())
+        # It joins the decoding rows before its consumer sees the token (so `running` is never behind).
+        self._slots.activate(job.row, first, job.filled)
+        self._decoding.append(job)
+        self._prefilling = None
+        if not self._deliver(job, token):
+            self._leave([job], None)
+
+    def _launch(self) -> None:
+        """Queue one decode step for every decoding request (on CUDA: a graph replay; on CPU it runs now)."""
+        n = len(self._decoding)
+        b = n if not self.graphs else next(s for s in _buckets(self.capacity) if s >= n)
+        longest = max(j.filled for j in self._decoding) + 1
+        span = min(-(-longest // self.window) * self.window, self.context_length + 1)
+        candidates = max(top_k_of(j.params, self._slots.vocab_size) for j in self._decoding)
+        self._in_flight = self._slots.step(b, span, candidates)[:n]
+
+    def _collect(self) -> None:
+        """Read the step's new ids (the one host read of a step) and hand them out. When no request ends
+        with them and nothing waits to join, the next step is queued first, so that the device computes it
+        while this thread hands the ids out."""
+        ids = self._in_flight.tolist()
+        self._in_flight = None
+        jobs = list(self._decoding)
+        for job in jobs:
+            job.filled += 1
+        if self._steady(jobs, ids):
+            self._launch()
+        done = [job for job, token in zip(jobs, ids, strict=True) if not self._deliver(job, token)]
+        self._leave(done, None)
+
+    def _steady(self, jobs: list[_Job], ids: list[int]) -> bool:
+        if self._prefilling is not None or (self._waiting and len(jobs) < self.capacity):
+            return False
+        return not any(j.cancelled or t in j.stop_ids or j.generated + 1 >= j.max_new_tokens
+                       for j, t in zip(jobs, ids, strict=True))
+
+    def _deliver(self, job: _Job, token: int) -> bool:
+        """Hand `token` to the request's consumer; False when the request has ended."""
+        if token in job.stop_ids:
+            self._finish(job, "stop")
+            return False
+        job.queue.put(token)
+        job.generated += 1
+        if job.generated >= job.max_new_tokens:
+            self._finish(job, "length")
+            return False
+        return True
+
+    def _leave(self, jobs: list[_Job], reason: str | None) -> None:
+        """Free the rows of ended requests, keeping the decoding rows packed at 0..n-1 (the last row moves
+        into each hole), and the prefilling request right after them."""
+        for job in sorted(jobs, key=lambda j: j.row, reverse=True):
+            last = self._decoding.pop()
+            if last is not job:
+                self._slots.move(last.row, job.row, last.filled)
+                self._decoding[job.row] = last
+                last.row = job.row
+            else:
+                self._slots.deactivate(job.row)
+            if reason is not None:
+                self._finish(job, reason)
+        p = self._prefilling
+        if p is not None and p.row != len(self._decoding):
+            self._slots.move(p.row, len(self._decoding), p.filled)
+            p.row = len(self._decoding)
+
+    def _finish(self, job: _Job, reason: str) -> None:
+        if job.finished:
+            return
+        job.finish_reason = reason
+        job.queue.put(_END)
+        with self._cond:
+            job.finished = True
+
+    def _fail_all(self, exc: Exception) -> None:
+        jobs = self._decoding + ([self._prefilling] if self._prefilling else [])
+        self._decoding, self._prefilling, self._in_flight = [], None, None
+        self._slots = None  # start again from a fresh cache
+        for job in jobs:
+            job.queue.put(exc)
+            job.finish_reason = "error"
+            with self._cond:
+                job.finished = True
+
+
+def _buckets(capacity: int) -> list[int]:
+    """Batch sizes decode steps are recorded for: powers of two, and the capacity itself."""
+    sizes = [1 << i for i in range(capacity.bit_length()) if 1 << i < capacity]
+    return sizes + [capacity]
