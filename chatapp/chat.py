@@ -14,6 +14,7 @@ with the partial reply when the generator is closed.
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,16 @@ class ChatUpdate:
     prompt: Prompt  # from build_prompt (n_tokens, dropped, truncated) for the context meter
     conversation_id: str
     turn: int  # 0-based index of this exchange in its conversation
+    tokens: int = 0  # tokens generated so far
+    first_token_s: float | None = None  # seconds from the request to the first token (prompt processing)
+    seconds: float = 0.0  # seconds from the request to this update
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Generation speed after the first token (the decode rate; the first token's wait is first_token_s)."""
+        if self.first_token_s is None or self.tokens < 2 or self.seconds <= self.first_token_s:
+            return None
+        return (self.tokens - 1) / (self.seconds - self.first_token_s)
 
 
 def new_conversation_id() -> str:
@@ -51,6 +62,7 @@ def respond(backend, messages: list[dict], message: str, cfg: GenerationConfig, 
     Raises ValueError when the budget cannot fit a prompt (before anything is generated or logged) and
     lets BackendError through; a reply that failed half-way is not logged.
     """
+    started = time.perf_counter()  # time to first token counts from the request, prompt building included
     history = [{"role": m["role"], "content": message_text(m.get("content", ""))}
                for m in messages if m.get("role") in ("user", "assistant")]
     message = message_text(message)
@@ -75,12 +87,19 @@ def respond(backend, messages: list[dict], message: str, cfg: GenerationConfig, 
                                 system_prompt=system_prompt, config=_config_record(run_cfg))
 
     def update(done: bool) -> ChatUpdate:
-        return ChatUpdate(text=tidy(raw), done=done, prompt=prompt, conversation_id=conversation_id, turn=turn)
+        # A ReplyStream counts its ids; another backend's pieces are counted by encoding the text once, at the end.
+        ids = getattr(pieces, "token_ids", None)
+        tokens = len(ids) if ids is not None else (len(backend.encode(raw)) if done and raw else 0)
+        return ChatUpdate(text=tidy(raw), done=done, prompt=prompt, conversation_id=conversation_id, turn=turn,
+                          tokens=tokens, first_token_s=first_token_s, seconds=time.perf_counter() - started)
 
+    first_token_s = None
     pieces = backend.stream(prompt.text, run_cfg)
     failed = False
     try:
         for piece in pieces:
+            if first_token_s is None:
+                first_token_s = time.perf_counter() - started
             shown = matcher.push(piece)
             if shown:
                 before = tidy(raw)

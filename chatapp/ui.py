@@ -22,7 +22,13 @@ from backends import BackendError, GenerationConfig
 from chatapp.chat import new_conversation_id
 from chatapp.history import ChatLogError
 from chatapp.ui_api import register_api
-from chatapp.ui_controls import build_generation_controls, context_meter, generation_config
+from chatapp.ui_controls import (
+    build_generation_controls,
+    context_meter,
+    follow_backend_defaults,
+    generation_config,
+)
+from chatapp.ui_conversations import conversation_sidebar
 from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService
 from gpt.chat_format import message_text
 
@@ -79,6 +85,7 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
                                                elem_id="system-prompt")
                 with gr.Accordion("Generation settings", open=False):
                     controls = build_generation_controls(service.generation)
+                    after_backend_change = follow_backend_defaults(controls, backend, service)
 
         settings = [backend, system_prompt, *controls.inputs]
 
@@ -102,7 +109,7 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
             try:
                 for update, context_length in updates:
                     shown[-1] = {"role": "assistant", "content": update.text}
-                    meter_text = context_meter(update.prompt, context_length, cfg.max_new_tokens)
+                    meter_text = context_meter(update.prompt, context_length, cfg.max_new_tokens, update)
                     if stop.is_set():
                         # Closing logs exactly this text as the (partial) reply, the text the page shows.
                         updates.close()
@@ -242,7 +249,16 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
                 return
             yield from watch(key, request.session_hash or "")
 
+        # Past conversations: reopening one may pick another backend, which then loads as if chosen here.
+        sidebar = conversation_sidebar(service, chatbot, conversation, backend, system_prompt, meter,
+                                       cancels=[send_event, regenerate_event])
+        for event in (send_event, regenerate_event):
+            sidebar.refresh_after(event)
+        demo.load(sidebar.refresh_fn, conversation, sidebar.conversations, api_visibility="private",
+                  show_progress="hidden")
+
         status_events = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
+        after_backend_change(sidebar.opened.then(choose, backend, status, **status_events))
         backend.input(choose, backend, status, **status_events)
         reload_button.click(reload_native, backend, status, **status_events)
         demo.load(choose, backend, status, **status_events)
