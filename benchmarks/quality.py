@@ -88,16 +88,20 @@ def run(config: dict, keys: list[str], seeds: list[int], variants: list[tuple[st
             for seed in seeds:
                 for q in questions:
                     reply = ask(backend, key, q.question, replace(cfg, seed=seed), system)
+                    print("." if is_right(reply, q) else "x", end="", file=sys.stderr, flush=True)
                     if is_right(reply, q):
                         right += 1
                     else:
                         misses.append({"seed": seed, "question": q.question, "reply": reply})
             total = len(seeds) * len(questions)
+            print(file=sys.stderr)
             results.append({"backend": key, "variant": name, "right": right, "total": total,
                             "share": right / total, "seconds": time.perf_counter() - started,
                             "config": {k: v for k, v in vars(cfg).items() if k != "seed"},
                             "system_prompt": system, "misses": misses})
             print(f"{key:>10}  {name:<28} {right:>3}/{total}  {100 * right / total:5.1f} %", flush=True)
+            for miss in misses:
+                print(f"    miss, seed {miss['seed']}: {miss['question']} -> {miss['reply'][:100]!r}", flush=True)
         backend.release()
     return results
 
@@ -128,10 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     keys = args.backends or [b["key"] for b in list_backends(config)]
     results = run(config, keys, args.seeds, variants, questions, args.max_new_tokens)
-    for r in results:
-        for miss in r["misses"]:
-            print(f"miss  {r['backend']} / {r['variant']} / seed {miss['seed']}: {miss['question']} -> "
-                  f"{miss['reply'][:100]!r}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)

@@ -250,7 +250,7 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
             yield from watch(key, request.session_hash or "")
 
         # Past conversations: reopening one may pick another backend, which then loads as if chosen here.
-        sidebar = conversation_sidebar(service, chatbot, conversation, backend, system_prompt, meter,
+        sidebar = conversation_sidebar(service, chatbot, conversation, backend, system_prompt, meter, stats,
                                        cancels=[send_event, regenerate_event])
         for event in (send_event, regenerate_event):
             sidebar.refresh_after(event)

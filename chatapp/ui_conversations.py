@@ -2,7 +2,7 @@
 
     with gr.Blocks() as demo:
         ...                                          # the chat column (chatbot, conversation state, backend)
-        sidebar = conversation_sidebar(service, chatbot, conversation, backend, system_prompt, meter,
+        sidebar = conversation_sidebar(service, chatbot, conversation, backend, system_prompt, meter, stats,
                                        cancels=[send_event])
         sidebar.refresh_after(send_event)            # a new conversation appears once its first reply is logged
 
@@ -45,7 +45,7 @@ def _when(timestamp: str) -> str:
     return timestamp[:16].replace("T", " ") if timestamp else ""
 
 
-def conversation_sidebar(service, chatbot, conversation, backend, system_prompt, meter,
+def conversation_sidebar(service, chatbot, conversation, backend, system_prompt, meter, stats,
                          cancels=()) -> ConversationSidebar:
     index = service.conversations
     exports = Path(tempfile.mkdtemp(prefix="nanogpt-chat-export-"))
@@ -156,15 +156,15 @@ def conversation_sidebar(service, chatbot, conversation, backend, system_prompt,
             result = index.import_text(text)
         except (ImportFileError, ChatLogError) as exc:
             gr.Warning(str(exc))
-            return gr.skip()
+            return gr.skip(), gr.skip()
         except OSError as exc:
             gr.Warning(f"Cannot read that file ({exc.strerror or exc}): pick the exported .json file again.")
-            return gr.skip()
+            return gr.skip(), gr.skip()
         gr.Info(f"Imported {result.added} exchange{'s' if result.added != 1 else ''} "
                 f"({result.skipped} already in the log) from {result.conversations} "
                 f"conversation{'s' if result.conversations != 1 else ''}.")
-        return refresh(state)
+        return refresh(state), service.stats_text()
 
-    upload.upload(import_file, [upload, conversation], listing, **quiet)
+    upload.upload(import_file, [upload, conversation], [listing, stats], **quiet)
 
     return ConversationSidebar(listing, refresh, conversation, opened)
