@@ -101,7 +101,7 @@ def build_generation_controls(defaults: GenerationConfig, max_tokens: int = 2048
     max_new_tokens = gr.Slider(1, max(max_tokens, defaults.max_new_tokens), value=defaults.max_new_tokens,
                                step=1, label="Max new tokens", info="the longest reply, in tokens")
     temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature",
-                            info="0 = greedy: always the likeliest token")
+                            info="0 = greedy: always the likeliest token", elem_id="temperature")
     top_k = gr.Slider(0, 200, value=defaults.top_k or 0, step=1, label="Top-k", info="0 = off")
     top_p = gr.Slider(0.01, 1.0, value=defaults.top_p, step=0.01, label="Top-p",
                       info="keep the likeliest tokens up to this total probability")
