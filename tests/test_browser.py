@@ -61,7 +61,9 @@ def browser_page():
 
 @pytest.fixture
 def app(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir):
-    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir, max_new_tokens=48)
+    # The transformers entry has generation defaults of its own (the settings panel follows the backend).
+    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir, max_new_tokens=48,
+                               extra="[backends.hf.generation]\ntemperature = 0.3\ntop_p = 0.8\n")
     with LiveApp(config, tmp_path / "chat_history.jsonl") as live:
         yield live
 
@@ -322,38 +324,34 @@ def test_reopen_a_past_conversation_after_a_reload_continue_it_and_export_import
         page.screenshot(path=str(ARTIFACTS / "browser-imported.png"), full_page=True)
 
 
-def test_generation_controls_follow_the_chosen_backends_defaults_until_the_user_changes_one(
-        tmp_path, browser_page, tiny_native_ckpt, tiny_gpt2_hf_dir):
-    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir,
-                               extra="[backends.hf.generation]\ntemperature = 0.3\ntop_p = 0.8\n")
+def test_generation_controls_follow_the_chosen_backends_defaults_until_the_user_changes_one(app, browser_page):
     page = browser_page
-    with LiveApp(config, tmp_path / "log.jsonl") as app:
-        page.goto(app.url)
-        page.wait_for_selector("#message textarea", timeout=30_000)
-        page.get_by_text("Generation settings").click()
-        temperature = page.locator("#temperature input[type=number]")
-        note = page.locator("#defaults-note")
-        assert temperature.input_value() == "0.7" and "Using the defaults of Tiny native GPT-2" in note.inner_text()
+    page.goto(app.url)
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    page.get_by_text("Generation settings").click()
+    temperature = page.locator("#temperature input[type=number]")
+    note = page.locator("#defaults-note")
+    assert temperature.input_value() == "0.7" and "Using the defaults of Tiny native GPT-2" in note.inner_text()
 
-        page.locator("#backend input").click()
-        page.get_by_role("option", name=HF_LABEL).click()
-        wait_until(lambda: temperature.input_value() == "0.3", what="the transformers entry's temperature")
-        assert f"Using the defaults of {HF_LABEL}" in note.inner_text()
+    page.locator("#backend input").click()
+    page.get_by_role("option", name=HF_LABEL).click()
+    wait_until(lambda: temperature.input_value() == "0.3", what="the transformers entry's temperature")
+    assert f"Using the defaults of {HF_LABEL}" in note.inner_text()
 
-        temperature.fill("1.2")  # the user's own choice is kept from now on
-        temperature.press("Enter")
-        wait_until(lambda: "Your settings apply" in note.inner_text(), what="the note about the user's settings")
-        page.locator("#backend input").click()
-        page.get_by_role("option", name="Tiny native GPT-2").click()
-        wait_until(lambda: "Tiny native GPT-2 has its own defaults" in note.inner_text(), what="the switch")
-        assert temperature.input_value() == "1.2"
-        page.locator("#message textarea").fill("Hi")
-        page.locator("#send").click()
-        [exchange] = wait_until(lambda: app.exchanges(), what="the exchange")
-        assert exchange["config"]["temperature"] == 1.2 and exchange["backend"] == "native"
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "browser-defaults.png"), full_page=True)
+    temperature.fill("1.2")  # the user's own choice is kept from now on
+    temperature.press("Enter")
+    wait_until(lambda: "Your settings apply" in note.inner_text(), what="the note about the user's settings")
+    page.locator("#backend input").click()
+    page.get_by_role("option", name="Tiny native GPT-2").click()
+    wait_until(lambda: "Tiny native GPT-2 has its own defaults" in note.inner_text(), what="the switch")
+    assert temperature.input_value() == "1.2"
+    page.locator("#message textarea").fill("Hi")
+    page.locator("#send").click()
+    [exchange] = wait_until(lambda: app.exchanges(), what="the exchange")
+    assert exchange["config"]["temperature"] == 1.2 and exchange["backend"] == "native"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-defaults.png"), full_page=True)
 
-        page.locator("#reset-defaults").click()
-        wait_until(lambda: temperature.input_value() == "0.7", what="the native defaults back")
-        assert "Using the defaults of Tiny native GPT-2" in note.inner_text()
+    page.locator("#reset-defaults").click()
+    wait_until(lambda: temperature.input_value() == "0.7", what="the native defaults back")
+    assert "Using the defaults of Tiny native GPT-2" in note.inner_text()

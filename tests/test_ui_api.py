@@ -17,12 +17,15 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from live_server import LiveApp, SlowStream, write_tiny_config
 
+HF_DEFAULTS = "[backends.hf.generation]\ntemperature = 0.3\ntop_k = 0\n"
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_native_ckpt, tiny_gpt2_hf_dir):
     """One app for the module (starting one costs seconds); each test sees only its own log lines."""
     directory = tmp_path_factory.mktemp("ui-api")
-    config = write_tiny_config(directory, tiny_native_ckpt, tiny_gpt2_hf_dir)
+    # The transformers entry has generation defaults of its own; the native one falls back to [generation].
+    config = write_tiny_config(directory, tiny_native_ckpt, tiny_gpt2_hf_dir, extra=HF_DEFAULTS)
     with LiveApp(config, directory / "chat_history.jsonl") as live:
         yield live
 
@@ -88,19 +91,14 @@ def test_chat_uses_history_system_prompt_and_every_setting(app, client):
     assert "\n\n" in config["stop"]
 
 
-def test_chat_without_sampling_arguments_uses_the_chosen_backends_defaults(tmp_path, tiny_native_ckpt,
-                                                                            tiny_gpt2_hf_dir):
-    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir,
-                               extra="[backends.hf.generation]\ntemperature = 0.3\ntop_k = 0\nmax_new_tokens = 6\n")
-    with LiveApp(config, tmp_path / "log.jsonl") as live:
-        client = Client(live.url, verbose=False)
-        client.predict("Hi", backend="hf", api_name="/chat")
-        client.predict("Hi", backend="native", api_name="/chat")
-        client.predict("Hi", backend="hf", top_k=7, api_name="/chat")  # one argument given: only it changes
-        hf, native, mixed = (e["config"] for e in live.exchanges())
-    assert (hf["temperature"], hf["top_k"], hf["max_new_tokens"], hf["top_p"]) == (0.3, None, 6, 0.95)
+def test_chat_without_sampling_arguments_uses_the_chosen_backends_defaults(app, client):
+    client.predict("Hi", backend="hf", api_name="/chat")
+    client.predict("Hi", backend="native", api_name="/chat")
+    client.predict("Hi", backend="hf", top_k=7, api_name="/chat")  # one argument given: only it changes
+    hf, native, mixed = (e["config"] for e in app.exchanges())
+    assert (hf["temperature"], hf["top_k"], hf["max_new_tokens"], hf["top_p"]) == (0.3, None, 8, 0.95)
     assert (native["temperature"], native["top_k"], native["max_new_tokens"]) == (0.7, 50, 8)  # [generation]
-    assert (mixed["temperature"], mixed["top_k"], mixed["max_new_tokens"]) == (0.3, 7, 6)
+    assert (mixed["temperature"], mixed["top_k"], mixed["top_p"]) == (0.3, 7, 0.95)
 
 
 def test_history_in_gradio_block_format_is_accepted(app, client):
@@ -255,7 +253,7 @@ def test_chat_with_no_sampling_arguments_answers_the_quality_set_on_the_bundled_
 
     with LiveApp(None, tmp_path / "log.jsonl") as live:
         client = Client(live.url, verbose=False)
-        replies = [client.predict(q.question, backend="native", max_new_tokens=32, api_name="/chat")
+        replies = [client.predict(q.question, backend="native", max_new_tokens=24, api_name="/chat")
                    for q in QUESTIONS]
         misses = [(q.question, r) for q, r in zip(QUESTIONS, replies, strict=True) if not is_right(r, q)]
         assert len(misses) <= len(QUESTIONS) // 10, misses  # >= 90 % right
