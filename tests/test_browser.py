@@ -297,6 +297,13 @@ def test_reopen_a_past_conversation_after_a_reload_continue_it_and_export_import
     assert [(e["conversation_id"], e["turn"]) for e in exchanges] == [(first["conversation_id"], 0),
                                                                        (first["conversation_id"], 1)]
     wait_until(lambda: bot.count() == 2, what="both replies on the page")
+    page.get_by_text("Rename or hide this chat").click()
+    page.locator("#rename-title textarea").fill("Polar animals")
+    page.locator("#rename").click()
+    wait_until(lambda: page.locator("#conversations label", has_text="Polar animals").count() == 1,
+               what="the new name in the sidebar")
+    assert [(r["type"], r["conversation_id"], r["title"]) for r in app.log_lines() if r.get("type")] == [
+        ("conversation", first["conversation_id"], "Polar animals")]  # a later line; the exchanges stay as written
     page.screenshot(path=str(ARTIFACTS / "browser-reopened.png"), full_page=True)
 
     # Export everything as JSON, then import that file into a second app with an empty log.
@@ -316,8 +323,8 @@ def test_reopen_a_past_conversation_after_a_reload_continue_it_and_export_import
         wait_until(lambda: len(second.exchanges()) == 2, what="the imported exchanges in the second log")
         keys = ("conversation_id", "turn", "user", "assistant", "timestamp")
         assert [{k: e[k] for k in keys} for e in second.exchanges()] == [{k: e[k] for k in keys} for e in exchanges]
-        wait_until(lambda: page.locator("#conversations label", has_text="Where do penguins live?").count() == 1,
-                   what="the imported conversation in the sidebar")
+        wait_until(lambda: page.locator("#conversations label", has_text="Polar animals").count() == 1,
+                   what="the imported conversation, with its name, in the sidebar")
         import_file(page, exported)  # again: nothing is added
         wait_until(lambda: "0 exchanges (2 already in the log)" in page.content(), what="the import summary")
         assert len(second.exchanges()) == 2
