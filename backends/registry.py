@@ -92,15 +92,16 @@ def list_backends(config: dict | None = None) -> list[dict]:
             for key, section in config.get("backends", {}).items()]
 
 
-def generation_defaults(config: dict | None = None) -> GenerationConfig:
-    """GenerationConfig from the [generation] section (missing keys keep the built-in defaults)."""
-    from backends.reply import as_generation_config
+def generation_defaults(config: dict | None = None, key: str | None = None) -> GenerationConfig:
+    """The generation settings backend `key` starts with (None: the app-wide [generation] ones).
 
-    config = load_config() if config is None else config
-    settings = dict(config.get("generation", {}))
-    if settings.get("top_k") == 0:
-        settings["top_k"] = None  # TOML has no null: 0 means off, as it does for GenerationConfig
-    return as_generation_config(settings)
+    The app's [generation], then the model directory's generation_config.json, then the entry's own
+    [backends.KEY.generation] table; backends/generation_defaults.py says how. The UI, /chat and the
+    benchmarks all ask here.
+    """
+    from backends.generation_defaults import resolve
+
+    return resolve(load_config() if config is None else config, key)
 
 
 def create_backend(name: str, config: dict | None = None, **options) -> ChatBackend:
@@ -108,7 +109,7 @@ def create_backend(name: str, config: dict | None = None, **options) -> ChatBack
     config = load_config() if config is None else config
     configured = config.get("backends", {})
     if name in configured:
-        settings = {k: v for k, v in configured[name].items() if k not in ("kind", "label")}
+        settings = {k: v for k, v in configured[name].items() if k not in ("kind", "label", "generation")}
         kind = configured[name]["kind"]
     elif name in KINDS:
         settings, kind = {}, name

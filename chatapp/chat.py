@@ -14,6 +14,7 @@ with the partial reply when the generator is closed.
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,10 +38,19 @@ class ChatUpdate:
     prompt: Prompt  # from build_prompt (n_tokens, dropped, truncated) for the context meter
     conversation_id: str
     turn: int  # 0-based index of this exchange in its conversation
+    tokens: int = 0  # tokens generated so far (the backend's count, else the final reply encoded once)
+    first_token_s: float | None = None  # seconds from the request to the first token (prompt processing)
+    seconds: float = 0.0  # seconds from the request to this update
     # Set on the final update: "stop" (end of text or a stop string) or "length" (max_new_tokens or a full
-    # context), and how many tokens the reply took (the backend's count, else the reply re-encoded).
+    # context).
     finish_reason: str | None = None
-    completion_tokens: int | None = None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Generation speed after the first token (the decode rate; the first token's wait is first_token_s)."""
+        if self.first_token_s is None or self.tokens < 2 or self.seconds <= self.first_token_s:
+            return None
+        return (self.tokens - 1) / (self.seconds - self.first_token_s)
 
 
 def new_conversation_id() -> str:
@@ -60,6 +70,7 @@ def respond(backend, messages: list[dict], message: str, cfg: GenerationConfig, 
     Raises ValueError when the budget cannot fit a prompt (before anything is generated or logged) and
     lets BackendError through; a reply that failed half-way is not logged.
     """
+    started = time.perf_counter()  # time to first token counts from the request, prompt building included
     history = [{"role": m["role"], "content": message_text(m.get("content", ""))}
                for m in messages if m.get("role") in ("user", "assistant")]
     message = message_text(message)
@@ -84,15 +95,20 @@ def respond(backend, messages: list[dict], message: str, cfg: GenerationConfig, 
                                 system_prompt=system_prompt, config=_config_record(run_cfg))
 
     def update(done: bool) -> ChatUpdate:
-        if not done:
-            return ChatUpdate(text=tidy(raw), done=False, prompt=prompt, conversation_id=conversation_id,
-                              turn=turn)
-        n_tokens = getattr(pieces, "n_tokens", None)
-        reason = "stop" if matcher.stopped else getattr(pieces, "finish_reason", None)
-        return ChatUpdate(text=tidy(raw), done=True, prompt=prompt, conversation_id=conversation_id, turn=turn,
-                          finish_reason="length" if reason == "length" else "stop",
-                          completion_tokens=len(backend.encode(raw)) if n_tokens is None else n_tokens)
+        # A backend's stream counts its tokens where it can (its ids; a remote server's usage); otherwise the
+        # reply is encoded once, at the end.
+        tokens = getattr(pieces, "n_tokens", None)
+        if tokens is None:
+            tokens = len(backend.encode(raw)) if done and raw else 0
+        finish = None
+        if done:
+            reason = "stop" if matcher.stopped else getattr(pieces, "finish_reason", None)
+            finish = "length" if reason == "length" else "stop"
+        return ChatUpdate(text=tidy(raw), done=done, prompt=prompt, conversation_id=conversation_id, turn=turn,
+                          tokens=tokens, first_token_s=first_token_s, seconds=time.perf_counter() - started,
+                          finish_reason=finish)
 
+    first_token_s = None
     # A backend that takes messages (a remote server applying its own chat template) gets the kept messages;
     # the budget counted their rendering all the same.
     if getattr(backend, "takes_messages", False):
@@ -102,6 +118,8 @@ def respond(backend, messages: list[dict], message: str, cfg: GenerationConfig, 
     failed = False
     try:
         for piece in pieces:
+            if first_token_s is None:
+                first_token_s = time.perf_counter() - started
             shown = matcher.push(piece)
             if shown:
                 before = tidy(raw)

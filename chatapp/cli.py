@@ -52,6 +52,7 @@ class ConsoleChat:
         self.cfg, self.system_prompt, self.ready_threshold, self.out = cfg, system_prompt, ready_threshold, out
         self.history: list[dict] = []
         self.conversation_id = new_conversation_id()
+        self.customised = False  # the user /set a field: their settings outlive a backend switch
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -117,7 +118,11 @@ class ConsoleChat:
             return
         self.backend.release()  # free the old model's memory before the new one loads
         self.backend, self.backend_key = backend, key
-        self.say(f"Now chatting with {key}; the conversation so far is kept (/reset starts over).")
+        if self.customised:
+            settings = "your /set settings still apply"
+        else:
+            self.cfg, settings = generation_defaults(self.config, key), f"settings are {key}'s defaults"
+        self.say(f"Now chatting with {key} ({settings}); the conversation so far is kept (/reset starts over).")
 
     def set_field(self, arg: str) -> None:
         if not arg:
@@ -134,6 +139,7 @@ class ConsoleChat:
             return
         try:
             self.cfg = dataclasses.replace(self.cfg, **{name: parse_setting(name, raw)})
+            self.customised = True
         except ValueError as e:
             self.say(f"error: {e}")
             return
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         key = args.backend or app.get("default_backend") or "smollm2"
         options = {"checkpoint": args.checkpoint} if args.checkpoint else {}
         backend = create_backend(key, config, **options)
-        cfg = generation_defaults(config)
+        cfg = generation_defaults(config, key)
         log = ChatLog(args.history or app.get("history") or "chat_history.jsonl")
         log.check_writable()
         ready_threshold = int(app.get("ready_for_finetune", 10))

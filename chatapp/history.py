@@ -4,6 +4,7 @@
     log.append_exchange(user="Hi", assistant="Hello!", conversation_id="c1", turn=0, backend="smollm2",
                         model="SmolLM2-135M-Instruct", system_prompt="You are helpful.", config={...})
     log.append_feedback(conversation_id="c1", turn=0, rating="like")
+    log.append_note(conversation_id="c1", title="Greetings")      # or hidden=True: gone from the app's list
     log.read()    # gpt.chatlog.LogContents: exchanges, feedback, malformed (count of skipped lines)
     log.stats()   # LogStats: conversations, exchanges, liked, disliked, malformed, ready_for_finetune
 
@@ -90,9 +91,9 @@ class ChatLog:
             return False
 
     def append_exchange(self, *, user: str, assistant: str, conversation_id: str, turn: int, backend: str,
-                        model: str, system_prompt: str | None, config: dict) -> dict:
-        """Append one exchange; returns the record as written."""
-        record = {"timestamp": utc_timestamp(), "user": user, "assistant": assistant,
+                        model: str, system_prompt: str | None, config: dict, timestamp: str | None = None) -> dict:
+        """Append one exchange (stamped now, or with an imported exchange's own `timestamp`); returns it."""
+        record = {"timestamp": timestamp or utc_timestamp(), "user": user, "assistant": assistant,
                   "conversation_id": conversation_id, "turn": turn, "backend": backend, "model": model,
                   "system_prompt": system_prompt, "config": config}
         self._append_line(record)
@@ -105,6 +106,13 @@ class ChatLog:
             raise ValueError(f"rating must be 'like', 'dislike' or None, got {rating!r}")
         record = {"type": "feedback", "conversation_id": conversation_id, "turn": turn, "rating": rating,
                   "edited": edited, "timestamp": utc_timestamp()}
+        self._append_line(record)
+        return record
+
+    def append_note(self, *, conversation_id: str, hidden: bool | None = None, title: str | None = None) -> dict:
+        """Append a note on a whole conversation: hide it from the list (or show it again), or rename it."""
+        record = {"type": "conversation", "conversation_id": conversation_id, "hidden": hidden, "title": title,
+                  "timestamp": utc_timestamp()}
         self._append_line(record)
         return record
 
@@ -146,7 +154,8 @@ class ChatLog:
                 cache.offset += end
                 cache.lines += len(lines)
             c = cache.contents
-            out = LogContents(exchanges=list(c.exchanges), feedback=list(c.feedback), malformed=c.malformed)
+            out = LogContents(exchanges=list(c.exchanges), feedback=list(c.feedback), notes=list(c.notes),
+                              malformed=c.malformed)
             tail_line = cache.lines + 1
         return read_lines([data[end:].decode("utf-8", errors="replace")], first_line=tail_line, into=out)
 

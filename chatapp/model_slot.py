@@ -53,6 +53,9 @@ class _Slot:
         self.loaded.set()
         self.last_used = 0.0  # time.monotonic() when it was last loaded or a reply ended
         self.idle_timer: threading.Timer | None = None
+        self.phase = ""  # what the load is doing now, for the status line
+        self.load_started = 0.0  # time.monotonic() when the current load began
+        self.last_load_s: float | None = None  # how long the last successful load took
 
 
 def warm_up(backend: ChatBackend) -> None:
@@ -98,7 +101,10 @@ class ModelSlots:
         with self._lock:
             state, error, backend, note = slot.state, slot.error, slot.backend, slot.note
         if state == LOADING:
-            message = f"Loading {slot.label}… you can keep typing; the reply starts once it is ready."
+            elapsed = time.monotonic() - slot.load_started
+            took = f"; it took {slot.last_load_s:.0f} s last time" if slot.last_load_s else ""
+            message = (f"Loading {slot.label}: {slot.phase or 'starting'}… {elapsed:.0f} s{took}. You can keep "
+                       "typing; the reply starts once it is ready.")
         elif state == READY:
             model = getattr(backend, "model_name", "") or slot.label
             message = f"Ready: {slot.label} ({model}). {note}".strip()
@@ -120,12 +126,15 @@ class ModelSlots:
             if slot.state in (LOADING, READY):
                 return
             slot.state, slot.error = LOADING, ""
+            slot.load_started, slot.phase = time.monotonic(), ""
             slot.loaded.clear()
         threading.Thread(target=self._load, args=(slot,), name=f"load-{key}", daemon=True).start()
 
     def _load(self, slot: _Slot) -> None:
+        slot.phase = "checking the model files"
         try:
             backend = self.factory(slot.key, self._config)
+            slot.phase = "reading the weights into memory"
             warm_up(backend)
         except (BackendError, ValueError, OSError) as exc:
             self._finish(slot, None, f"{slot.label} could not be loaded: {exc}")
@@ -142,6 +151,8 @@ class ModelSlots:
             slot.state = READY if backend is not None else FAILED
             slot.last_used = time.monotonic()
             self._watch_idle(slot)
+            if backend is not None:
+                slot.last_load_s = time.monotonic() - slot.load_started
         if slot.release_when_idle:  # every session switched away while it loaded
             self._release_unused(only=slot)
         slot.loaded.set()  # after any release, so a waiter never sees a model that is going away
@@ -249,6 +260,7 @@ class ModelSlots:
             if not already_loading:
                 backend = slot.backend if slot.state == READY else None
                 slot.state, slot.error = LOADING, ""
+                slot.load_started, slot.phase = time.monotonic(), "reading the newest checkpoint"
                 slot.loaded.clear()
         if already_loading:
             return self.status(key)

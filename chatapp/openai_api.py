@@ -119,12 +119,6 @@ class ChatRequest:
     conversation_id: str
 
 
-def generation_defaults(service, key: str) -> GenerationConfig:
-    """The generation settings a request starts from for backend `key` (one place, so per-backend defaults
-    plug in here)."""
-    return service.generation
-
-
 def parse_chat_request(body, service) -> ChatRequest:
     """The request body of /v1/chat/completions, checked; ApiError says what is wrong with it."""
     if not isinstance(body, dict):
@@ -161,7 +155,7 @@ def parse_chat_request(body, service) -> ChatRequest:
         raise ApiError(400, "conversation_id must be a non-empty string (up to 200 characters).",
                        param="conversation_id")
     return ChatRequest(model=model, history=history, message=message, system_prompt=system_prompt,
-                       cfg=_generation_config(body, generation_defaults(service, model)), stream=stream,
+                       cfg=_generation_config(body, service.generation_defaults(model)), stream=stream,
                        include_usage=bool(options.get("include_usage")),
                        conversation_id=cid or new_conversation_id())
 
@@ -390,7 +384,7 @@ async def _events(req: ChatRequest, reply_id: str, created: int, first, updates,
 
 
 def _usage(update) -> dict:
-    completion = update.completion_tokens or 0
+    completion = update.tokens
     return {"prompt_tokens": update.prompt.n_tokens, "completion_tokens": completion,
             "total_tokens": update.prompt.n_tokens + completion}
 

@@ -23,7 +23,13 @@ from chatapp.chat import new_conversation_id
 from chatapp.history import ChatLogError
 from chatapp.openai_api import ApiAccess, openai_routes
 from chatapp.ui_api import register_api
-from chatapp.ui_controls import build_generation_controls, context_meter, generation_config
+from chatapp.ui_controls import (
+    build_generation_controls,
+    context_meter,
+    follow_backend_defaults,
+    generation_config,
+)
+from chatapp.ui_conversations import conversation_sidebar
 from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService, ReplyBusy
 from gpt.chat_format import message_text
 
@@ -97,6 +103,7 @@ def build_app(config: dict, log_path, default_backend: str | None = None,
                                                elem_id="system-prompt")
                 with gr.Accordion("Generation settings", open=False):
                     controls = build_generation_controls(service.generation)
+                    after_backend_change = follow_backend_defaults(controls, backend, service)
 
         settings = [backend, system_prompt, *controls.inputs]
 
@@ -124,7 +131,7 @@ def build_app(config: dict, log_path, default_backend: str | None = None,
             try:
                 for update, context_length in updates:
                     shown[-1] = {"role": "assistant", "content": update.text}
-                    meter_text = context_meter(update.prompt, context_length, cfg.max_new_tokens)
+                    meter_text = context_meter(update.prompt, context_length, cfg.max_new_tokens, update)
                     if stop.is_set():
                         # Closing logs exactly this text as the (partial) reply, the text the page shows.
                         updates.close()
@@ -275,7 +282,16 @@ def build_app(config: dict, log_path, default_backend: str | None = None,
                 return
             yield from watch(key, request.session_hash or "")
 
+        # Past conversations: reopening one may pick another backend, which then loads as if chosen here.
+        sidebar = conversation_sidebar(service, chatbot, conversation, backend, system_prompt, meter, stats,
+                                       cancels=[send_event, regenerate_event])
+        for event in (send_event, regenerate_event):
+            sidebar.refresh_after(event)
+        demo.load(sidebar.refresh_fn, conversation, sidebar.conversations, api_visibility="private",
+                  show_progress="hidden")
+
         status_events = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
+        after_backend_change(sidebar.opened.then(choose, backend, status, **status_events))
         backend.input(choose, backend, status, **status_events)
         reload_button.click(reload_native, backend, status, **status_events)
         demo.load(choose, backend, status, **status_events)

@@ -7,7 +7,8 @@
         print(text)
 
 `register_api(service)` is called by chatapp/ui.py inside its Blocks; Gradio derives each endpoint's
-parameters from the type hints and defaults of the functions below (the defaults are the config file's).
+parameters from the type hints and defaults of the functions below. A sampling argument left out (null)
+takes the chosen backend's default (ChatService.generation_defaults: its entry, its model, the app's).
 """
 
 from __future__ import annotations
@@ -60,13 +61,11 @@ def _check_strings(backend, system_prompt) -> None:
 
 def register_api(service) -> None:
     """Add /chat, /stats and /backends to the Blocks being built (call inside `with gr.Blocks()`)."""
-    d = service.generation
-
     def chat(message: str, history: list[dict] | None = None, backend: str = service.default_backend,
-             system_prompt: str = service.system_prompt, max_new_tokens: int = d.max_new_tokens,
-             temperature: float = d.temperature, top_k: int = d.top_k or 0, top_p: float = d.top_p,
-             repetition_penalty: float = d.repetition_penalty, stop: list[str] | None = None,
-             seed: int | None = d.seed) -> Iterator[str]:
+             system_prompt: str = service.system_prompt, max_new_tokens: int | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float | None = None, stop: list[str] | None = None,
+             seed: int | None = None) -> Iterator[str]:
         """Reply to `message` after `history`, streaming the reply so far; the call is logged as one exchange.
 
         Args:
@@ -74,13 +73,13 @@ def register_api(service) -> None:
             history: earlier messages, [{"role": "user" | "assistant", "content": str}], oldest first.
             backend: a key from /backends.
             system_prompt: instructions for the assistant; empty for none.
-            max_new_tokens: the longest reply, in tokens.
+            max_new_tokens: the longest reply, in tokens; null (as every setting below) for the backend's default.
             temperature: 0 is greedy; higher is more varied.
             top_k: sample among the k likeliest tokens; 0 turns it off.
             top_p: sample among the likeliest tokens up to this total probability.
             repetition_penalty: above 1 makes repeating earlier tokens less likely.
-            stop: strings that end the reply (not included); null for the config file's.
-            seed: the same seed gives the same reply; null for random.
+            stop: strings that end the reply (not included).
+            seed: the same seed gives the same reply; null for the backend's default (random unless configured).
         """
         if not isinstance(message, str) or not message.strip():
             raise _refuse("message must be a non-empty string.")
@@ -88,7 +87,8 @@ def register_api(service) -> None:
         _check_strings(backend, system_prompt)
         text = ""
         try:
-            # None for a setting means the config's default; the limits are checked before any work.
+            # None for a setting means the chosen backend's default; the limits are checked before any work.
+            d = service.generation_defaults(backend)
             cfg = generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
                                     defaults=d)
             for update, _ in service.stream(backend, prior, message, cfg, system_prompt,

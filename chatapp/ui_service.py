@@ -1,4 +1,4 @@
-"""What the web UI and its API share: the config, the loaded models (ModelSlots) and the chat log.
+"""What the web UI and its API share: the config, the loaded models (ModelSlots), the chat log and its index.
 
     service = ChatService(load_config(), "chat_history.jsonl", "smollm2")
     for update, context_length in service.stream("smollm2", [], "Hi", GenerationConfig(), None, "conv-1"):
@@ -15,8 +15,10 @@ from contextlib import contextmanager
 
 import gradio as gr
 
+from backends import GenerationConfig
 from backends.registry import generation_defaults
 from chatapp.chat import GENERATE_LIMIT, respond
+from chatapp.conversations import ConversationIndex
 from chatapp.history import ChatLog, ChatLogError
 from chatapp.limits import Limits
 from chatapp.model_slot import ModelSlots
@@ -45,12 +47,17 @@ class ChatService:
         self.slots.label(self.default_backend)  # raises BackendError for an unknown key
         self.system_prompt = app.get("system_prompt") or ""
         self.ready_threshold = int(app.get("ready_for_finetune", 10))
-        self.generation = generation_defaults(config)
         self.log = ChatLog(log_path)
         self.log_path = log_path
         self.limits = Limits.from_config(config)
         self._streaming: set[str] = set()  # browser sessions with a reply under way
         self._streaming_lock = threading.Lock()
+        self.conversations = ConversationIndex(self.log)
+        self.generation = self.generation_defaults(self.default_backend)
+
+    def generation_defaults(self, key: str) -> GenerationConfig:
+        """The settings backend `key` starts with: backends.registry.generation_defaults for this config."""
+        return generation_defaults(self.config, key)
 
     def stream(self, key: str, history: list[dict], message: str, cfg, system_prompt: str | None,
                conversation_id: str, log: bool = True) -> Iterator[tuple]:

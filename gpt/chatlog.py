@@ -4,7 +4,11 @@
 - an exchange: {"timestamp", "user", "assistant", "conversation_id", "turn", "backend", "model",
   "system_prompt", "config"}; the older format {"timestamp", "user", "assistant"} is read too;
 - feedback on an exchange, written later: {"type": "feedback", "conversation_id", "turn", "rating",
-  "edited", "timestamp"} with rating "like", "dislike" or null and `edited` the corrected reply or null.
+  "edited", "timestamp"} with rating "like", "dislike" or null and `edited` the corrected reply or null;
+- a note on a whole conversation, written later by the app's conversation list: {"type": "conversation",
+  "conversation_id", "hidden" (true: hidden from the list; false: shown again), "title" (a new name),
+  "timestamp"}; a key that is absent or null leaves that property as it was. Notes change what the app
+  lists, never the exchanges: training reads conversations the same with or without them.
 
 Readers skip and count malformed lines; they never fail on one. Writing (with a file lock) lives in
 chatapp/history.py.
@@ -45,10 +49,20 @@ class Feedback:
 
 
 @dataclass
+class ConversationNote:
+    conversation_id: str
+    hidden: bool | None = None
+    title: str | None = None
+    timestamp: str | None = None
+    line: int = 0
+
+
+@dataclass
 class LogContents:
     exchanges: list[Exchange] = field(default_factory=list)
     feedback: list[Feedback] = field(default_factory=list)
     malformed: int = 0
+    notes: list[ConversationNote] = field(default_factory=list)
 
 
 @dataclass
@@ -68,10 +82,16 @@ class Conversation:
         return out
 
 
-def parse_record(obj, line_number: int) -> Exchange | Feedback:
+def parse_record(obj, line_number: int) -> Exchange | Feedback | ConversationNote:
     """One decoded JSON line as a record; raises ValueError if it is not one."""
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
+    if obj.get("type") == "conversation":
+        hidden, title = obj.get("hidden"), obj.get("title")
+        if not isinstance(obj.get("conversation_id"), str) or not (hidden is None or isinstance(hidden, bool)) \
+                or not (title is None or isinstance(title, str)):
+            raise ValueError("bad conversation note")
+        return ConversationNote(obj["conversation_id"], hidden, title, obj.get("timestamp"), line_number)
     if obj.get("type") == "feedback":
         rating = obj.get("rating")
         edited = obj.get("edited")
@@ -106,7 +126,10 @@ def read_lines(lines: Iterable[str], first_line: int = 1, into: LogContents | No
         except ValueError:  # json.JSONDecodeError is a ValueError
             contents.malformed += 1
             continue
-        (contents.feedback if isinstance(record, Feedback) else contents.exchanges).append(record)
+        if isinstance(record, ConversationNote):
+            contents.notes.append(record)
+        else:
+            (contents.feedback if isinstance(record, Feedback) else contents.exchanges).append(record)
     return contents
 
 

@@ -86,7 +86,7 @@ class LiveApp:
         return self._all_lines()[getattr(self, "_seen", 0):]
 
     def exchanges(self) -> list[dict]:
-        return [r for r in self.log_lines() if r.get("type") != "feedback"]
+        return [r for r in self.log_lines() if r.get("type") is None]  # not feedback, not a conversation note
 
     def feedback(self) -> list[dict]:
         return [r for r in self.log_lines() if r.get("type") == "feedback"]

@@ -61,7 +61,9 @@ def browser_page():
 
 @pytest.fixture
 def app(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir):
-    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir, max_new_tokens=48)
+    # The transformers entry has generation defaults of its own (the settings panel follows the backend).
+    config = write_tiny_config(tmp_path, tiny_native_ckpt, tiny_gpt2_hf_dir, max_new_tokens=48,
+                               extra="[backends.hf.generation]\ntemperature = 0.3\ntop_p = 0.8\n")
     with LiveApp(config, tmp_path / "chat_history.jsonl") as live:
         yield live
 
@@ -256,3 +258,107 @@ def test_switching_while_a_model_loads_keeps_the_status_of_the_newest_choice(app
     time.sleep(1.5)  # the old watcher would have written "Ready: Tiny native GPT-2" by now
     assert f"Ready: {HF_LABEL}" in status.inner_text()
     assert app.service.slots.loaded_keys() == ["hf"]
+
+
+def import_file(page, path) -> None:
+    with page.expect_file_chooser() as chooser:
+        page.locator("#import").click()
+    chooser.value.set_files(str(path))
+
+
+def test_reopen_a_past_conversation_after_a_reload_continue_it_and_export_import_round_trips(
+        app, browser_page, tmp_path):
+    page = browser_page
+    page.goto(app.url)
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    page.locator("#message textarea").fill("Where do penguins live?")
+    page.locator("#send").click()
+    wait_until(lambda: app.exchanges(), what="the first exchange in the log")
+    meter = page.locator("#context-meter")
+    wait_until(lambda: "tokens/s" in meter.inner_text(), what="the reply's speed in the context meter")
+    assert "first token after" in meter.inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-speed.png"), full_page=True)
+
+    page.reload()  # the page forgets; the log and the sidebar do not
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    assert page.locator("#chatbot [data-testid='user']").count() == 0
+    entry = page.locator("#conversations label", has_text="Where do penguins live?")
+    wait_until(lambda: entry.count() == 1, what="the conversation in the sidebar")
+    entry.click()
+    first = app.exchanges()[0]
+    bot = page.locator("#chatbot [data-testid='bot']")
+    wait_until(lambda: bot.count() == 1, what="the reopened turn")
+    assert page.locator("#chatbot [data-testid='user']").first.inner_text().strip() == "Where do penguins live?"
+    page.locator("#message textarea").fill("And polar bears?")
+    page.locator("#send").click()
+    wait_until(lambda: len(app.exchanges()) == 2, what="the continued exchange")
+    exchanges = app.exchanges()
+    assert [(e["conversation_id"], e["turn"]) for e in exchanges] == [(first["conversation_id"], 0),
+                                                                       (first["conversation_id"], 1)]
+    wait_until(lambda: bot.count() == 2, what="both replies on the page")
+    page.get_by_text("Rename or hide this chat").click()
+    page.locator("#rename-title textarea").fill("Polar animals")
+    page.locator("#rename").click()
+    wait_until(lambda: page.locator("#conversations label", has_text="Polar animals").count() == 1,
+               what="the new name in the sidebar")
+    assert [(r["type"], r["conversation_id"], r["title"]) for r in app.log_lines() if r.get("type")] == [
+        ("conversation", first["conversation_id"], "Polar animals")]  # a later line; the exchanges stay as written
+    page.screenshot(path=str(ARTIFACTS / "browser-reopened.png"), full_page=True)
+
+    # Export everything as JSON, then import that file into a second app with an empty log.
+    page.get_by_text("Export / import").click()
+    page.locator("#export-all").click()
+    link = page.locator("#export-file a").first
+    wait_until(lambda: link.count() == 1, what="the export's download link")
+    with page.expect_download() as download:
+        link.click()
+    exported = tmp_path / "export.json"
+    download.value.save_as(exported)
+    with LiveApp(app.config_path, tmp_path / "second.jsonl") as second:
+        page.goto(second.url)
+        page.wait_for_selector("#message textarea", timeout=30_000)
+        page.get_by_text("Export / import").click()
+        import_file(page, exported)
+        wait_until(lambda: len(second.exchanges()) == 2, what="the imported exchanges in the second log")
+        keys = ("conversation_id", "turn", "user", "assistant", "timestamp")
+        assert [{k: e[k] for k in keys} for e in second.exchanges()] == [{k: e[k] for k in keys} for e in exchanges]
+        wait_until(lambda: page.locator("#conversations label", has_text="Polar animals").count() == 1,
+                   what="the imported conversation, with its name, in the sidebar")
+        import_file(page, exported)  # again: nothing is added
+        wait_until(lambda: "0 exchanges (2 already in the log)" in page.content(), what="the import summary")
+        assert len(second.exchanges()) == 2
+        page.screenshot(path=str(ARTIFACTS / "browser-imported.png"), full_page=True)
+
+
+def test_generation_controls_follow_the_chosen_backends_defaults_until_the_user_changes_one(app, browser_page):
+    page = browser_page
+    page.goto(app.url)
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    page.get_by_text("Generation settings").click()
+    temperature = page.locator("#temperature input[type=number]")
+    note = page.locator("#defaults-note")
+    assert temperature.input_value() == "0.7" and "Using the defaults of Tiny native GPT-2" in note.inner_text()
+
+    page.locator("#backend input").click()
+    page.get_by_role("option", name=HF_LABEL).click()
+    wait_until(lambda: temperature.input_value() == "0.3", what="the transformers entry's temperature")
+    assert f"Using the defaults of {HF_LABEL}" in note.inner_text()
+
+    temperature.fill("1.2")  # the user's own choice is kept from now on
+    temperature.press("Enter")
+    wait_until(lambda: "Your settings apply" in note.inner_text(), what="the note about the user's settings")
+    page.locator("#backend input").click()
+    page.get_by_role("option", name="Tiny native GPT-2").click()
+    wait_until(lambda: "Tiny native GPT-2 has its own defaults" in note.inner_text(), what="the switch")
+    assert temperature.input_value() == "1.2"
+    page.locator("#message textarea").fill("Hi")
+    page.locator("#send").click()
+    [exchange] = wait_until(lambda: app.exchanges(), what="the exchange")
+    assert exchange["config"]["temperature"] == 1.2 and exchange["backend"] == "native"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-defaults.png"), full_page=True)
+
+    page.locator("#reset-defaults").click()
+    wait_until(lambda: temperature.input_value() == "0.7", what="the native defaults back")
+    assert "Using the defaults of Tiny native GPT-2" in note.inner_text()

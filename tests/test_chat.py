@@ -207,3 +207,19 @@ def test_real_native_backend_reply_end_to_end(native, log):
     assert again.text == final.text  # greedy: the same reply
     [record] = lines(log)
     assert record["assistant"] == final.text and record["model"] == native.model_name
+
+
+def test_the_final_update_reports_tokens_time_to_first_token_and_speed(tiny_native_ckpt):
+    backend = create_backend("native", checkpoint=str(tiny_native_ckpt))
+    stream = backend.stream  # count what the engine generated, to compare with what the update reports
+    seen = []
+    backend.stream = lambda prompt, cfg: seen.append(stream(prompt, cfg)) or seen[-1]
+    *_, final = respond(backend, [], "Hi", GenerationConfig(max_new_tokens=10, temperature=0.0))
+    assert final.done and final.tokens == len(seen[0].token_ids) > 1
+    assert 0 < final.first_token_s <= final.seconds and final.tokens_per_s > 0
+
+
+def test_a_backend_without_token_ids_is_counted_by_encoding_the_reply(tiny_native_ckpt):
+    real = create_backend("native", checkpoint=str(tiny_native_ckpt))
+    *_, final = respond(Scripted(real, ["Hello", " there"]), [], "Hi", GREEDY)
+    assert final.tokens == len(real.encode("Hello there"))

@@ -197,6 +197,7 @@ def test_context_note_when_older_messages_are_left_out(console):
 def test_backend_switch_releases_the_old_model_and_keeps_the_conversation(tiny_native_ckpt, tmp_path):
     config = {"backends": {key: {"label": f"tiny {key}", "kind": "native", "checkpoint": str(tiny_native_ckpt)}
                            for key in ("first", "second")}}
+    config["backends"]["second"]["generation"] = {"max_new_tokens": 4, "temperature": 0.0}
     old = create_backend("first", config)
     console = ConsoleChat(config, "first", old, ChatLog(tmp_path / "log.jsonl"),
                           GenerationConfig(max_new_tokens=3, temperature=0.0), None, out=io.StringIO())
@@ -206,7 +207,12 @@ def test_backend_switch_releases_the_old_model_and_keeps_the_conversation(tiny_n
     console.handle("/backend second")
     assert console.backend_key == "second" and console.backend is not old
     assert released == [True]  # the old model's memory is freed
-    assert "Now chatting with second" in console.out.getvalue()
+    assert "Now chatting with second (settings are second's defaults)" in console.out.getvalue()
+    assert (console.cfg.max_new_tokens, console.cfg.temperature) == (4, 0.0)  # the new backend's own defaults
+    console.handle("/set max_new_tokens 2")
+    console.handle("/backend first")
+    assert console.cfg.max_new_tokens == 2 and "your /set settings still apply" in console.out.getvalue()
+    console.handle("/backend second")
     console.handle("again")
     first, second = log_lines(console.log.path)
     assert (first["backend"], second["backend"]) == ("first", "second")

@@ -78,8 +78,8 @@ def test_auth_file_problems_are_one_sentence(capsys, tmp_path, content, argv, se
     ('[app]\nready_for_finetune = "ten"\n', "[app] ready_for_finetune in {path} must be a whole number"),
     ('[app]\nmax_message_chars = "big"\n', "[app] max_message_chars in the config must be a whole number >= 1"),
     ('[app]\nrelease_unused_after_s = -1\n', "[app] release_unused_after_s in the config must be a number"),
-    ('[generation]\ntemperature = "hot"\n', "[generation] in {path}: temperature must be 0 (greedy) or"),
-    ('[generation]\nseed = -3\n', "[generation] in {path}: seed must be None (random) or a whole number"),
+    ('[generation]\ntemperature = "hot"\n', "The generation defaults for the app are invalid (temperature must be 0 (greedy) or"),
+    ('[generation]\nseed = -3\n', "The generation defaults for the app are invalid (seed must be None (random) or a whole number"),
     ('[backends.x]\nkind = "native"\nlabel = 5\n', "label of [backends.x] in {path} must be a string"),
 ])
 def test_config_values_of_the_wrong_type_are_one_sentence_and_exit_2(capsys, tmp_path, toml, sentence):

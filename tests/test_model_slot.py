@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -65,6 +66,23 @@ def test_choosing_loads_in_the_background_with_a_visible_status(slots, factory):
     factory.gate.set()
     assert slots.wait("a", timeout=5)
     assert slots.status("a").state == "ready" and "a-v1" in slots.status("a").message
+
+
+def test_a_loading_status_shows_its_phase_the_seconds_so_far_and_the_last_load_time(slots, factory):
+    factory.gate.clear()
+    slots.choose("s1", "a")
+    time.sleep(1.1)
+    message = slots.status("a").message
+    assert re.search(r"Loading Model A: reading the weights into memory… [1-9]\d* s\.", message), message
+    factory.gate.set()
+    assert slots.wait("a", timeout=5)
+    slots.choose("s1", "b")  # a is released; loading it again says how long it took before
+    slots.wait("b", timeout=5)
+    factory.gate.clear()
+    slots.choose("s1", "a")
+    assert re.search(r"it took [1-9]\d* s last time", slots.status("a").message), slots.status("a").message
+    factory.gate.set()
+    assert slots.wait("a", timeout=5)
 
 
 def test_sessions_share_one_loaded_model(slots, factory):

@@ -19,12 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from live_server import LiveApp, SlowStream, write_tiny_config
 
+HF_DEFAULTS = "[backends.hf.generation]\ntemperature = 0.3\ntop_k = 0\n"
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_native_ckpt, tiny_gpt2_hf_dir):
     """One app for the module (starting one costs seconds); each test sees only its own log lines."""
     directory = tmp_path_factory.mktemp("ui-api")
-    config = write_tiny_config(directory, tiny_native_ckpt, tiny_gpt2_hf_dir)
+    # The transformers entry has generation defaults of its own; the native one falls back to [generation].
+    config = write_tiny_config(directory, tiny_native_ckpt, tiny_gpt2_hf_dir, extra=HF_DEFAULTS)
     with LiveApp(config, directory / "chat_history.jsonl") as live:
         yield live
 
@@ -88,6 +91,16 @@ def test_chat_uses_history_system_prompt_and_every_setting(app, client):
     assert (config["max_new_tokens"], config["temperature"], config["top_k"], config["top_p"],
             config["repetition_penalty"], config["seed"]) == (5, 0.5, 10, 0.9, 1.3, 3)
     assert "\n\n" in config["stop"]
+
+
+def test_chat_without_sampling_arguments_uses_the_chosen_backends_defaults(app, client):
+    client.predict("Hi", backend="hf", api_name="/chat")
+    client.predict("Hi", backend="native", api_name="/chat")
+    client.predict("Hi", backend="hf", top_k=7, api_name="/chat")  # one argument given: only it changes
+    hf, native, mixed = (e["config"] for e in app.exchanges())
+    assert (hf["temperature"], hf["top_k"], hf["max_new_tokens"], hf["top_p"]) == (0.3, None, 8, 0.95)
+    assert (native["temperature"], native["top_k"], native["max_new_tokens"]) == (0.7, 50, 8)  # [generation]
+    assert (mixed["temperature"], mixed["top_k"], mixed["top_p"]) == (0.3, 7, 0.95)
 
 
 def test_history_in_gradio_block_format_is_accepted(app, client):
@@ -310,6 +323,23 @@ def test_bundled_smollm2_answers_a_question_through_the_api(tmp_path, backend):
         assert "Paris" in reply, reply
         assert time.perf_counter() - start < 120
         assert [e["backend"] for e in live.exchanges()] == [backend]
+
+
+@pytest.mark.slow
+def test_chat_with_no_sampling_arguments_answers_the_quality_set_on_the_bundled_native_backend(tmp_path):
+    """The shipped defaults (configs/app.toml: the backend's own settings, the app's system prompt) give right
+    answers; max_new_tokens only keeps the test short (an answer comes in its first sentence)."""
+    from training.quality import QUESTIONS, is_right
+
+    with LiveApp(None, tmp_path / "log.jsonl") as live:
+        client = Client(live.url, verbose=False)
+        replies = [client.predict(q.question, backend="native", max_new_tokens=24, api_name="/chat")
+                   for q in QUESTIONS]
+        misses = [(q.question, r) for q, r in zip(QUESTIONS, replies, strict=True) if not is_right(r, q)]
+        assert len(misses) <= len(QUESTIONS) // 10, misses  # >= 90 % right
+        configs = [e["config"] for e in live.exchanges()]
+        expected = live.service.generation_defaults("native")
+        assert all((c["temperature"], c["top_p"]) == (expected.temperature, expected.top_p) for c in configs)
 
 
 def test_plain_http_call_as_docs_api_md_shows(app):

@@ -51,12 +51,13 @@ def test_bad_settings_raise_a_sentence_naming_the_field(values, field):
         generation_config(*values)
 
 
-def test_none_means_the_default_for_every_setting_and_random_for_the_seed():
+def test_none_means_the_default_for_every_setting_and_the_seed_is_random_unless_the_defaults_fix_one():
     defaults = GenerationConfig(max_new_tokens=33, temperature=0.2, top_k=7, top_p=0.5, repetition_penalty=1.3,
                                 stop=("END",), seed=9)
     assert generation_config(None, None, None, None, None, None, None, defaults=defaults) == GenerationConfig(
-        max_new_tokens=33, temperature=0.2, top_k=7, top_p=0.5, repetition_penalty=1.3, stop=("END",), seed=None)
+        max_new_tokens=33, temperature=0.2, top_k=7, top_p=0.5, repetition_penalty=1.3, stop=("END",), seed=9)
     assert generation_config(None, None, None, None, None, None, None) == GenerationConfig()
+    assert generation_config(None, None, None, None, None, None, None).seed is None  # random
     assert generation_config(None, 0, 0, None, None, [], None, defaults=defaults).top_k is None  # 0 is off
 
 
