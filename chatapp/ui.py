@@ -23,6 +23,7 @@ from chatapp.chat import new_conversation_id
 from chatapp.history import ChatLogError
 from chatapp.ui_api import register_api
 from chatapp.ui_controls import build_generation_controls, context_meter, generation_config
+from chatapp.ui_finetune import build_finetune_panel
 from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService
 from gpt.chat_format import message_text
 
@@ -80,6 +81,7 @@ def build_app(config: dict, log_path, default_backend: str | None = None) -> gr.
                 with gr.Accordion("Generation settings", open=False):
                     controls = build_generation_controls(service.generation)
 
+        build_finetune_panel(service)
         settings = [backend, system_prompt, *controls.inputs]
 
         stop_requests: dict[str, threading.Event] = {}  # session -> set by the Stop button

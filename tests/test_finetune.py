@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Tiny models gain nothing from threads, and on a busy machine extra threads only wait for each other.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 FAST = ["--lr", "3e-3", "--min-lr", "3e-4", "--warmup-iters", "10", "--eval-iters", "4", "--batch-size", "8",
-        "--block-size", "128", "--no-progress", "--config", str(REPO / "configs" / "finetune.toml")]
+        "--block-size", "128", "--lora-rank", "0", "--no-progress", "--config", str(REPO / "configs" / "finetune.toml")]
 
 
 def sha256(path: Path) -> str:
