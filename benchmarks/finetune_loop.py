@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result = subprocess.run(command, env=env, cwd=REPO_ROOT)
         wall = time.perf_counter() - t0
-        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak_rss, cpu_s = usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
         load_after = load_average()
         if result.returncode != 0:
             print(f"training.finetune exited with status {result.returncode}", file=sys.stderr)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     taught = sum(f["right"] for f in facts["taught"])
     paraphrased = sum(f["right"] for f in facts["paraphrased"])
     ret = report.get("retention", {})
-    figures = {"wall_s": round(wall, 1), "peak_rss_gib": round(peak_rss / 2 ** 30, 2),
+    figures = {"wall_s": round(wall, 1), "cpu_s": round(cpu_s, 1), "peak_rss_gib": round(peak_rss / 2 ** 30, 2),
                "threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count(),
                "load_before": load_before, "load_after": load_after, "iterations": meta.get("iterations"),
                "stopped": meta.get("stopped"), "facts_taught": f"{taught}/{len(FACTS)}",
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("taught", "paraphrased"):
         for f in facts[kind]:
             print(f"  [{'x' if f['right'] else ' '}] {f['question']} -> {f['reply']!r}")
-    print(f"wall {wall:.1f} s, peak RSS {peak_rss / 2 ** 30:.2f} GiB, load average {load_before} -> {load_after} "
+    print(f"wall {wall:.1f} s (CPU time {cpu_s:.1f} s), peak RSS {peak_rss / 2 ** 30:.2f} GiB, load average {load_before} -> {load_after} "
           f"on {os.cpu_count()} cores; facts as taught {taught}/{len(FACTS)}, paraphrased "
           f"{paraphrased}/{len(FACTS)}; retention kept {figures['retention_kept']}, lost "
           f"{len(figures['retention_lost'])} {figures['retention_lost']}")

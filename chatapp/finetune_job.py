@@ -41,8 +41,10 @@ class FinetuneRefused(ValueError):
 
 
 class FinetuneJob:
-    def __init__(self, log_path, slots, native_key: str | None, python: str = sys.executable):
+    def __init__(self, log_path, slots, native_key: str | None, config: str | None = None,
+                 python: str = sys.executable):
         self.log_path = Path(log_path)
+        self.config = config  # a training config file instead of configs/finetune.toml (app.toml: finetune_config)
         self.slots, self.native_key, self.python = slots, native_key, python
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
@@ -101,6 +103,7 @@ class FinetuneJob:
             self._status_path = self._workdir / f"run-{time.strftime('%Y%m%d-%H%M%S')}.status.json"
             command = [self.python, "-m", "training.finetune", "--history", str(self.log_path), "--base", base,
                        "--status", str(self._status_path), "--no-progress"]
+            command += ["--config", str(self.config)] if self.config else []
             command += ["--only-liked"] if only_liked else []
             command += ["--exclude-disliked"] if exclude_disliked else []
             output = open(self._status_path.with_suffix(".log"), "w")
@@ -134,12 +137,15 @@ class FinetuneJob:
             self._final = {**record, "base": self._base}
 
     def status(self) -> dict:
+        idle = {"state": "idle", "phase": "", "step": 0, "total": 0, "train_loss": None, "val_loss": None,
+                "checkpoint": None, "message": "No fine-tune has run in this app yet.", "losses": [], "evals": [],
+                "report": None, "base": None}
         with self._lock:
             if self._proc is None:
-                return {"state": "idle", "phase": "", "step": 0, "total": 0, "train_loss": None, "val_loss": None,
-                        "checkpoint": None, "message": "No fine-tune has run in this app yet.", "losses": [],
-                        "evals": [], "report": None, "base": None}
-            record = self._final if self._final is not None else {**self._read(), "base": self._base}
+                return idle
+            # Until the child writes its first record, it is starting: the idle fields, state running.
+            record = {**idle, "state": "running", "message": "", **(
+                self._final if self._final is not None else {**self._read(), "base": self._base})}
             if self._final is None and record.get("state") != "running":
                 # The child has said how it ended; it counts once the app has acted on it (the swap).
                 record.update(state="running", phase="handing the new checkpoint to the native backend",
