@@ -4,9 +4,10 @@
     split = load_split("run.train/data", "train")      # tokens, mask, offsets (np.memmap)
 
 Each conversation is rendered by `gpt.chat_format.ChatFormat.training_examples`, the same rendering the
-native backend uses at inference: one example per assistant turn, the prompt with mask 0 and the reply
-plus its end marker with mask 1. Conversations are split about 90/10 by a seeded hash of their id, so one
-conversation never lands on both sides and a conversation once trained on never becomes validation data.
+native backend uses at inference: the prompt with mask 0 and each reply plus its end marker with mask 1,
+one sequence per conversation. Conversations are split about 90/10 by a seeded hash of their id, so one
+conversation never lands on both sides and a conversation once trained on never becomes validation data;
+conversations with an edited reply always train, and the val split also asks each edit's question afresh.
 
 On disk, per split: `<split>.tokens.bin` (uint16 when the vocabulary fits, else uint32), `<split>.mask.bin`
 (uint8) and `<split>.offsets.bin` (int64, example boundaries), and one `manifest.json` written last.
@@ -137,6 +138,28 @@ def render_examples(selections: list[Selection], fmt: ChatFormat, tokenizer: Tok
     return examples
 
 
+def taught_probes(selections: list[Selection], fmt: ChatFormat, tokenizer: Tokenizer
+                  ) -> list[tuple[list[int], list[int]]]:
+    """Each edited reply as the answer to its question asked in a fresh conversation (validation only).
+
+    The val loss then falls while the model learns what the user corrected (asked anew, not in the chat it was
+    taught in) and rises when the held-out conversations drift: early stopping and the kept checkpoint weigh
+    both, where held-out chats alone would prefer the base (learning a fact never helps an unrelated chat).
+    """
+    encode = prompt_encoder(fmt, tokenizer)
+    probes = []
+    for sel in selections:
+        conv = sel.conversation
+        system = [{"role": "system", "content": conv.system_prompt}] if conv.system_prompt else []
+        for i in sel.turns:
+            ex = conv.exchanges[i]
+            if ex.turn in conv.edits:
+                messages = [*system, {"role": "user", "content": ex.user},
+                            {"role": "assistant", "content": conv.edits[ex.turn]}]
+                probes.append(fmt.training_examples(messages, encode, tokenizer.eot_id)[-1])
+    return probes
+
+
 def write_split(directory: Path, name: str, examples: list[tuple[list[int], list[int]]], dtype: np.dtype) -> dict:
     lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
     offsets = np.zeros(len(examples) + 1, dtype=np.int64)
@@ -208,10 +231,12 @@ def prepare_chat_data(history: str | Path, tokenizer: Tokenizer, directory: str 
                    **counts},
         "splits": {},
     }
-    for name, sel in (("train", train_sel), ("val", val_sel)):
-        stats = write_split(directory, name, render_examples(sel, fmt, tokenizer), dtype)
+    probes = taught_probes(train_sel, fmt, tokenizer)
+    for name, sel, extra in (("train", train_sel, []), ("val", val_sel, probes)):
+        stats = write_split(directory, name, render_examples(sel, fmt, tokenizer) + extra, dtype)
         stats["conversations"] = [s.conversation.conversation_id for s in sel]
         manifest["splits"][name] = stats
+    manifest["splits"]["val"]["taught_probes"] = len(probes)
     _write_manifest(directory, manifest)
     return manifest
 
