@@ -144,3 +144,26 @@ def test_bad_input_is_one_sentence_and_nothing_starts(job, tmp_path):
         (path / "config.json").unlink(missing_ok=True)  # no checkpoint left to start from
     assert "no native checkpoint to start from" in refusal(job)
     assert job.status()["state"] == "idle"
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_panel_starts_a_run_shows_progress_and_the_report(app):
+    from playwright.sync_api import sync_playwright
+    from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, wait_until
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto(app.url)
+        page.get_by_text("Fine-tune on your conversations").click()
+        assert "The log holds 36 exchanges in 12 conversations" in page.locator("#finetune-summary").inner_text()
+        page.locator("#finetune-start").click()
+        wait_until(lambda: page.locator("#finetune-progress").get_attribute("value") not in (None, "0"), 120,
+                   "the progress bar to move")
+        wait_until(lambda: "done" in page.locator("#finetune-status").inner_text(), 240, "the run to finish")
+        wait_until(lambda: "Before → after" in page.locator("#finetune-report").inner_text(), 10, "the report")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator("#finetune-panel").screenshot(path=str(ARTIFACTS / "finetune-panel.png"))
+        assert "now serves" in page.locator("#finetune-status").inner_text()
+        browser.close()
