@@ -41,7 +41,9 @@ def progress_html(s: dict) -> str:
 def loss_frame(s: dict) -> pd.DataFrame:
     rows = [{"step": i + 1, "loss": v, "series": "train (step)"} for i, v in enumerate(s.get("losses") or [])]
     rows += [{"step": e["iter"], "loss": e["val_loss"], "series": "val"} for e in s.get("evals") or []]
-    return pd.DataFrame(rows or [{"step": 0, "loss": None, "series": "train (step)"}])
+    frame = pd.DataFrame(rows, columns=["step", "loss", "series"])
+    # Numbers, not objects: an object column makes the plot treat each loss as a category.
+    return frame.astype({"step": int, "loss": float, "series": str})
 
 
 def report_markdown(s: dict) -> str:
