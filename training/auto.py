@@ -8,9 +8,10 @@ A chat log is small: a few dozen exchanges, a thousand or two tokens. So the run
 it, rows are as long as the longest example (not a fixed 512), the whole val split is evaluated once per
 epoch (seconds), and early stopping ends the run when the val loss stops improving. On a CPU the weights
 stay frozen and LoRA adapters learn the edits (a third of full fine-tuning's work per token, and far less
-memory); on a GPU full fine-tuning is cheap, so it is used there. The numbers below were chosen by
-measurement on the bundled SmolLM2-135M-Instruct and a 35-exchange log (`python -m benchmarks.finetune_loop`,
-docs/benchmarks.md): they teach eight edited facts and keep the retention set's answers.
+memory); on a GPU full fine-tuning is cheap, so it is used there. The numbers below are first choices,
+measured once on the bundled SmolLM2-135M-Instruct and a 35-exchange log (`python -m benchmarks.finetune_loop`,
+docs/benchmarks.md): they taught 3 of 8 edited facts and lost 3 of 9 retention answers, so they still need
+tuning (LoRA targets, rank, lr, epochs) against that benchmark.
 """
 
 from __future__ import annotations

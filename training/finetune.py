@@ -1,15 +1,18 @@
 """Fine-tune a native model on the chat log.
 
-    python -m training.finetune --history chat_history.jsonl --base latest --out models/native/my-run
+    python -m training.finetune --history chat_history.jsonl                 # settings chosen from data + device
     python -m training.finetune --base models/native/smollm2-135m-instruct --max-iters 100 --lr 3e-5
     python -m training.finetune --out models/native/my-run --resume          # continue an interrupted run
     torchrun --nproc_per_node 4 -m training.finetune ...                     # the same, DDP on 4 GPUs
 
-Each conversation of the log is rendered exactly as the native backend renders prompts at inference (one
-example per assistant turn, loss on the reply and its end marker only), split 90/10 by conversation, and
-stored as memory-mapped token/mask arrays in `<out>.train/data/`. Training keeps the checkpoint with the
-lowest val loss in --out (atomically; the base is never touched), plus meta.json and loss_curve.png.
-The app's native backend serves it after a reload (`latest` is the newest checkpoint under models/native/).
+Each conversation of the log is rendered exactly as the native backend renders prompts at inference (loss on
+the replies and their end markers only; a conversation's turns share one sequence), split about 90/10 by
+conversation (conversations with an edit always train; val also asks each edit afresh), and stored as
+memory-mapped token/mask arrays in `<out>.train/data/`. Settings left "auto" (configs/finetune.toml) are
+chosen by training/auto.py and printed in one line. Training keeps the checkpoint with the lowest val loss in
+--out (atomically; the base is never touched), plus meta.json and loss_curve.png, then reports recall of the
+edited/liked replies and retention of training/quality.py's questions (training/report.py, in meta.json).
+`--status FILE` keeps a JSON progress record: the app's fine-tune panel runs this command and watches it.
 Exit status: 0 done, 2 bad input (one-sentence message), 130 interrupted (the best so far is kept).
 """
 
