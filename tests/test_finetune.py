@@ -312,7 +312,7 @@ def test_show_examples_marks_only_the_replies_and_writes_nothing(tiny_base, log,
     assert main(["--history", str(log), "--base", str(tiny_base), "--out", str(out), "--show-examples", "2"]) == 0
     printed = capsys.readouterr().out
     marked = re.findall(r"⟦(.*?)⟧", printed, flags=re.S)
-    assert len(marked) == 2 and all(m.endswith("<|im_end|>\n") for m in marked)
+    assert len(marked) == 2 * 3 and all(m.endswith("<|im_end|>\n") for m in marked)  # 3 turns per example
     assert {m[:-len("<|im_end|>\n")] for m in marked} <= {a for _, a in FACTS}
     assert "<|im_start|>user" in printed and not out.exists() and not Path(f"{out}.train").exists()
 
