@@ -6,6 +6,7 @@
     with slots.use("native") as backend:       # waits for the load; the model stays loaded while in use
         ...
     slots.reload("native")                     # a native backend serves its newest checkpoint, no restart
+    slots.serve("native", "models/native/x")   # ... or a given one ("latest" again: the newest)
 
 There is one slot per configured backend key and at most one loaded model per slot, whatever the number of
 sessions. A model nobody has chosen and nobody is using is released when a session switches away from it,
@@ -49,6 +50,7 @@ class _Slot:
         self.in_use = 0
         self.note = ""  # why the last reload did not take effect
         self.release_when_idle = False  # switched away from while loading or while a reply streamed
+        self.checkpoint: str | None = None  # a native slot's checkpoint chosen in the app (None: the config's)
         self.loaded = threading.Event()  # set whenever the slot is not loading
         self.loaded.set()
         self.last_used = 0.0  # time.monotonic() when it was last loaded or a reply ended
@@ -133,7 +135,8 @@ class ModelSlots:
     def _load(self, slot: _Slot) -> None:
         slot.phase = "checking the model files"
         try:
-            backend = self.factory(slot.key, self._config)
+            options = {"checkpoint": slot.checkpoint} if slot.checkpoint else {}
+            backend = self.factory(slot.key, self._config, **options)
             slot.phase = "reading the weights into memory"
             warm_up(backend)
         except (BackendError, ValueError, OSError) as exc:
@@ -270,6 +273,18 @@ class ModelSlots:
             threading.Thread(target=self._reload, args=(slot, backend), name=f"reload-{key}",
                              daemon=True).start()
         return self.status(key)
+
+    def serve(self, key: str, checkpoint: str) -> SlotStatus:
+        """Make native backend `key` serve `checkpoint` (a directory, or "latest") from now on, reloading it
+        in the background if it is loaded; requests already streaming finish on the previous model."""
+        slot = self._slot(key)
+        if slot.kind != "native":
+            raise BackendError(f"{slot.label} is not a native backend; only native backends serve checkpoints.")
+        with self._lock:
+            slot.checkpoint = str(checkpoint)
+            if slot.backend is not None:
+                slot.backend.checkpoint = str(checkpoint)  # NativeBackend.reload resolves this spec again
+        return self.reload(key)
 
     def _reload(self, slot: _Slot, backend: ChatBackend) -> None:
         note = ""

@@ -30,6 +30,7 @@ from chatapp.ui_controls import (
     generation_config,
 )
 from chatapp.ui_conversations import conversation_sidebar
+from chatapp.ui_finetune import build_finetune_panel
 from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService, ReplyBusy
 from gpt.chat_format import message_text
 
@@ -105,6 +106,7 @@ def build_app(config: dict, log_path, default_backend: str | None = None,
                     controls = build_generation_controls(service.generation)
                     after_backend_change = follow_backend_defaults(controls, backend, service)
 
+        build_finetune_panel(service)
         settings = [backend, system_prompt, *controls.inputs]
 
         stop_requests: dict[str, threading.Event] = {}  # session -> set by the Stop button

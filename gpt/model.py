@@ -226,7 +226,9 @@ class GPT(nn.Module):
         return n
 
     def _rope(self, start: int, T: int, device):
-        if self._rope_cache is None or self._rope_cache[0].device != torch.device(device):
+        stale = self._rope_cache is not None and self._rope_cache[0].is_inference() \
+            and not torch.is_inference_mode_enabled()  # tables made while decoding cannot join autograd
+        if self._rope_cache is None or stale or self._rope_cache[0].device != torch.device(device):
             self._rope_cache = rope_tables(self.config, self.config.block_size, device)
         cos, sin = self._rope_cache
         dtype = self.transformer.wte.weight.dtype

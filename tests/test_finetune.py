@@ -31,12 +31,13 @@ from training_fixtures import (
 
 from gpt.checkpoint import is_checkpoint, load_checkpoint
 from training.finetune import main
+from training.outputs import work_dir_for
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny models gain nothing from threads, and on a busy machine extra threads only wait for each other.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 FAST = ["--lr", "3e-3", "--min-lr", "3e-4", "--warmup-iters", "10", "--eval-iters", "4", "--batch-size", "8",
-        "--block-size", "128", "--no-progress", "--config", str(REPO / "configs" / "finetune.toml")]
+        "--block-size", "128", "--lora-rank", "0", "--no-progress", "--config", str(REPO / "configs" / "finetune.toml")]
 
 
 def sha256(path: Path) -> str:
@@ -189,6 +190,7 @@ def save_file_then_die(state, path, *args, **kwargs):
     return real_save_file(state, path, *args, **kwargs)
 checkpoint.save_file = save_file_then_die
 from training.finetune import main
+from training.outputs import work_dir_for
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -287,7 +289,8 @@ def test_finetuning_the_converted_smollm2_teaches_a_made_up_fact_and_keeps_a_rea
     out = tmp_path / "smollm2-finetuned"
     assert main(["--history", str(log), "--base", str(base), "--out", str(out), "--max-iters", "8",
                  "--eval-interval", "4", "--eval-iters", "1", "--batch-size", "4", "--block-size", "64",
-                 "--lr", "1e-4", "--min-lr", "1e-5", "--warmup-iters", "2", "--no-progress"]) == 0
+                 "--lr", "1e-4", "--min-lr", "1e-5", "--warmup-iters", "2", "--lora-rank", "0", "--patience", "0",
+                 "--no-report", "--no-progress"]) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["best_val_loss"] < meta["history"][0]["val_loss"]
     assert greedy_reply(out, question).strip() == answer
@@ -309,6 +312,33 @@ def test_show_examples_marks_only_the_replies_and_writes_nothing(tiny_base, log,
     assert main(["--history", str(log), "--base", str(tiny_base), "--out", str(out), "--show-examples", "2"]) == 0
     printed = capsys.readouterr().out
     marked = re.findall(r"⟦(.*?)⟧", printed, flags=re.S)
-    assert len(marked) == 2 and all(m.endswith("<|im_end|>\n") for m in marked)
+    assert len(marked) == 2 * 3 and all(m.endswith("<|im_end|>\n") for m in marked)  # 3 turns per example
     assert {m[:-len("<|im_end|>\n")] for m in marked} <= {a for _, a in FACTS}
     assert "<|im_start|>user" in printed and not out.exists() and not Path(f"{out}.train").exists()
+
+
+def test_with_no_flags_the_settings_come_from_the_data_in_one_printed_line(tiny_base, log, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--history", str(log), "--base", str(tiny_base), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("settings on cpu")]
+    assert len(lines) == 1 and "LoRA rank 8*" in lines[0] and "epochs*" in lines[0], printed
+    meta = json.loads((out / "meta.json").read_text())
+    cfg, data = meta["config"], json.loads((work_dir_for(out) / "data" / "manifest.json").read_text())["splits"]
+    longest = max(data["train"]["longest"], data["val"]["longest"])
+    assert longest <= cfg["block_size"] < longest + 8  # rows sized to the examples, not 512
+    assert data["train"]["examples"] == len(data["train"]["conversations"])  # one example per conversation
+    evals = [h["iter"] for h in meta["history"]]
+    assert evals == list(range(0, meta["iterations"] + 1, cfg["eval_interval"]))[:len(evals)]
+    assert cfg["max_iters"] == round(cfg["epochs"] * cfg["eval_interval"])  # epochs, one evaluation each
+    report = meta["report"]
+    assert report["retention"]["questions"] == 12 and report["val_loss_before"] == meta["history"][0]["val_loss"]
+
+
+def test_a_flag_wins_over_the_auto_choice(tiny_base, log, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--history", str(log), "--base", str(tiny_base), "--out", str(out), "--no-progress", "--no-report",
+                 "--lora-rank", "0", "--block-size", "96", "--max-iters", "3"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("settings on"))
+    assert "full fine-tuning," in line and "96 tokens," in line and "3 steps (" in line
+    assert json.loads((out / "meta.json").read_text())["config"]["block_size"] == 96

@@ -10,8 +10,10 @@ from training.loop import lr_at
 
 
 def test_the_shipped_config_file_is_valid_and_complete():
-    cfg = load_config(DEFAULT_CONFIG)
-    assert isinstance(cfg, TrainConfig)
+    cfg = load_config(DEFAULT_CONFIG, allow_auto=True)
+    assert isinstance(cfg, TrainConfig) and cfg.lr == "auto" and cfg.max_iters == "auto"
+    with pytest.raises(ConfigError, match="'auto' is for fine-tuning only"):
+        load_config(DEFAULT_CONFIG)  # pretraining needs numbers
     text = DEFAULT_CONFIG.read_text()
     for key in ("max_iters", "lr", "min_lr", "patience", "min_delta", "eval_interval", "block_size"):
         assert f"\n{key} =" in text

@@ -48,7 +48,7 @@ def test_split_is_by_conversation_and_tiny_logs_still_get_a_val_set(tmp_path, gp
         assert not train & val
         assert train | val == {f"conv-{c}" for c in range(n_conv)}
         assert len(val) >= 1 and len(val) <= max(1, n_conv // 4) and train
-        assert m["splits"]["val"]["examples"] == 3 * len(val)
+        assert m["splits"]["val"]["examples"] == 3 * len(val)  # the plain format keeps turns apart
 
 
 def test_a_conversation_trained_on_never_moves_to_validation_as_the_log_grows(tmp_path, gpt2_tok):
@@ -77,12 +77,38 @@ def test_missing_history_says_what_to_do(tmp_path, gpt2_tok):
 
 
 def _targets(directory, split, tok):
+    """Each reply the loss covers (a conversation's replies share one example, one run of mask 1 each)."""
     s = load_split(directory, split)
     out = []
     for i in range(len(s)):
         ids, mask = s.example(i)
-        out.append(tok.decode([int(t) for t, m in zip(ids, mask, strict=True) if m]))
+        run = []
+        for t, m in [*zip(ids, mask, strict=True), (0, 0)]:
+            if m:
+                run.append(int(t))
+            elif run:
+                out.append(tok.decode(run))
+                run = []
     return out
+
+
+def test_a_conversations_turns_share_one_example_with_every_reply_a_target(tmp_path, template_tok):
+    data = tmp_path / "d"
+    m = prepare_chat_data(write_log(tmp_path / "log.jsonl", fact_log_records(4)), template_tok, data, min_exchanges=1)
+    assert m["splits"]["train"]["examples"] == len(m["splits"]["train"]["conversations"])
+    assert len(_targets(data, "train", template_tok)) == 3 * len(m["splits"]["train"]["conversations"])
+
+
+def test_conversations_with_an_edit_always_train_and_val_asks_the_edit_afresh(tmp_path, template_tok):
+    records = fact_log_records(12)
+    edits = [{"type": "feedback", "conversation_id": r["conversation_id"], "turn": r["turn"], "rating": None,
+              "edited": "Edited: " + r["assistant"]} for r in records[:18] if r["turn"] == 0]  # conv-0 to 5
+    data = tmp_path / "d"
+    m = prepare_chat_data(write_log(tmp_path / "log.jsonl", records + edits), template_tok, data, min_exchanges=1,
+                          val_fraction=0.5)
+    val = m["splits"]["val"]["conversations"]
+    assert val and not {f"conv-{c}" for c in range(6)} & set(val) and m["splits"]["val"]["taught_probes"] == 6
+    assert sum(t.startswith("Edited: ") for t in _targets(data, "val", template_tok)) == 6
 
 
 def test_plain_format_mask_covers_reply_and_end_of_text_only(tmp_path, gpt2_tok):
@@ -94,9 +120,9 @@ def test_plain_format_mask_covers_reply_and_end_of_text_only(tmp_path, gpt2_tok)
     assert sorted(targets) == sorted(" " + r["assistant"] + "<|endoftext|>" for r in records)
     # the prompt part is exactly what the backend feeds the model at inference
     fmt = ChatFormat.for_tokenizer(gpt2_tok)
-    s = load_split(data, "train") if "conv-0" in read_manifest(data)["splits"]["train"]["conversations"] \
-        else load_split(data, "val")
-    ids, mask = s.example(0)
+    split = "train" if "conv-0" in read_manifest(data)["splits"]["train"]["conversations"] else "val"
+    s = load_split(data, split)
+    ids, mask = s.example(read_manifest(data)["splits"][split]["conversations"].index("conv-0"))
     n_prompt = int(np.argmax(mask))
     assert list(ids[:n_prompt]) == gpt2_tok.encode(fmt.render([{"role": "system", "content": "Be terse."},
                                                                {"role": "user", "content": FACTS[0][0]}]))
@@ -129,14 +155,14 @@ def test_edits_replace_replies_and_feedback_filters_choose_targets(tmp_path, gpt
         return sorted(_targets(data, "train", gpt2_tok) + _targets(data, "val", gpt2_tok))
 
     everything = targets()
-    assert len(everything) == 18
-    assert " Fixed by hand.<|endoftext|>" in everything
+    assert len(everything) == 18 + 1  # and the edit asked afresh in the val split
+    assert everything.count(" Fixed by hand.<|endoftext|>") == 2
     edited_original = records[2 * 3 + 1]["assistant"]
     assert everything.count(f" {edited_original}<|endoftext|>") == 5  # 6 conversations, one reply edited
     liked = targets(only_liked=True)
-    assert liked == sorted([f" {records[0]['assistant']}<|endoftext|>", " Fixed by hand.<|endoftext|>"])
+    assert liked == sorted([f" {records[0]['assistant']}<|endoftext|>", *[" Fixed by hand.<|endoftext|>"] * 2])
     no_disliked = targets(exclude_disliked=True)
-    assert len(no_disliked) == 17 and " Fixed by hand.<|endoftext|>" in no_disliked
+    assert len(no_disliked) == 17 + 1 and " Fixed by hand.<|endoftext|>" in no_disliked
 
 
 def test_only_liked_with_too_few_likes_is_refused(tmp_path, gpt2_tok):

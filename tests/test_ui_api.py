@@ -45,7 +45,7 @@ def client(server):
 
 def test_only_the_named_endpoints_are_public(client):
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
-        "/chat", "/stats", "/backends"}
+        "/chat", "/stats", "/backends", "/finetune", "/finetune_status", "/finetune_cancel"}
 
 
 def test_backends_lists_configured_keys_labels_and_the_default(client):

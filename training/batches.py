@@ -44,6 +44,15 @@ class ChatBatches:
         self._order: list[int] = []
         self._val_rows = self._pack(val, range(len(val)))
 
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows that one pass over the training examples fills (packing as the train stream packs)."""
+        return len(self._pack(self.train, range(len(self.train))))
+
+    @property
+    def val_rows(self) -> int:
+        return len(self._val_rows)
+
     def reseed(self, seed: int) -> None:
         """A fresh train stream (used on --resume: continuing, not replaying, the old one)."""
         self._rng = np.random.default_rng([seed, self.rank])

@@ -2,6 +2,9 @@
 
     cfg = load_config("configs/finetune.toml", overrides={"lr": 1e-4})   # ConfigError on bad values
 
+Fine-tuning also accepts "auto" for the fields in AUTO_FIELDS (configs/finetune.toml sets most of them):
+training.auto chooses those from the data and the device; a number in the file or a flag wins over it.
+
 The TOML file holds top-level `key = value` lines named like the fields below (see configs/finetune.toml).
 Both entry points (training.finetune, training.pretrain) share this one set of fields and its checks.
 """
@@ -43,6 +46,7 @@ class TrainConfig:
     compile: bool = False
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 16.0
+    epochs: float = 0.0  # > 0 with max_iters "auto": run this many passes over the training data
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,16 +78,31 @@ HELP = {
     "lora_rank": "fine-tune rank-R LoRA adapters of the attention and MLP matrices instead of every weight "
                  "(0: full fine-tuning; LoRA wants a larger --lr, e.g. 1e-3); checkpoints are saved merged",
     "lora_alpha": "LoRA scale numerator: updates are scaled by lora_alpha / lora_rank",
+    "epochs": "passes over the training data (used when --max-iters is auto)",
 }
+
+# Fields that fine-tuning may leave to training.auto (value "auto"); pretraining needs them all set.
+AUTO_FIELDS = ("max_iters", "epochs", "batch_size", "block_size", "lr", "min_lr", "warmup_iters", "eval_interval",
+               "eval_iters", "patience", "lora_rank", "lora_alpha")
+AUTO = "auto"
 
 _POSITIVE_INTS = ("max_iters", "batch_size", "grad_accum", "block_size", "eval_interval", "eval_iters")
 _NON_NEGATIVE_INTS = ("warmup_iters", "patience", "lora_rank")
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Raise ConfigError naming the first invalid field; returns `cfg` unchanged otherwise."""
+def validate(cfg: TrainConfig, allow_auto: bool = False) -> TrainConfig:
+    """Raise ConfigError naming the first invalid field; returns `cfg` unchanged otherwise. With `allow_auto`,
+    "auto" is accepted for AUTO_FIELDS (and those fields are checked once resolved)."""
     def fail(name, expected):
         raise ConfigError(f"{name.replace('_', '-')} must be {expected}, got {getattr(cfg, name)!r}.")
+
+    original = cfg
+    for name in AUTO_FIELDS:
+        if getattr(cfg, name) == AUTO:
+            if not allow_auto:
+                fail(name, "a number here ('auto' is for fine-tuning only)")
+            stand_in = 0.0 if name == "min_lr" else getattr(TrainConfig(), name)
+            cfg = TrainConfig(**{**cfg.to_dict(), name: stand_in})  # check the others now
 
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
@@ -104,6 +123,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("min_delta", "weight_decay", "grad_clip"):
         if not is_num(getattr(cfg, name)) or getattr(cfg, name) < 0:
             fail(name, "a number >= 0")
+    if not is_num(cfg.epochs) or cfg.epochs < 0:
+        fail("epochs", "a number >= 0")
     if not is_num(cfg.lora_alpha) or cfg.lora_alpha <= 0:
         fail("lora_alpha", "a number > 0")
     if not is_num(cfg.dropout) or not 0 <= cfg.dropout < 1:
@@ -121,13 +142,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         fail("seed", "an integer")
     if not isinstance(cfg.compile, bool):
         fail("compile", "true or false")
-    return cfg
+    return original
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None,
-                defaults: dict | None = None) -> TrainConfig:
+                defaults: dict | None = None, allow_auto: bool = False) -> TrainConfig:
     """Built-in defaults (updated by `defaults`), then the TOML file at `path` (if any), then `overrides`
-    (None values are ignored)."""
+    (None values are ignored). With `allow_auto`, AUTO_FIELDS may stay "auto" (see training.auto)."""
     values: dict = dict(defaults or {})
     if path is not None:
         path = Path(path)
@@ -150,7 +171,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         if known[name].type == "float" and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         setattr(cfg, name, value)
-    return validate(cfg)
+    validate(cfg, allow_auto)
+    return cfg
 
 
 def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -166,7 +188,17 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = No
                                help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
+            if f.name in AUTO_FIELDS:
+                kind = _number_or_auto(kind)
             group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def _number_or_auto(kind):
+    def parse(text: str):
+        return AUTO if text == AUTO else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

@@ -4,9 +4,10 @@
     split = load_split("run.train/data", "train")      # tokens, mask, offsets (np.memmap)
 
 Each conversation is rendered by `gpt.chat_format.ChatFormat.training_examples`, the same rendering the
-native backend uses at inference: one example per assistant turn, the prompt with mask 0 and the reply
-plus its end marker with mask 1. Conversations are split about 90/10 by a seeded hash of their id, so one
-conversation never lands on both sides and a conversation once trained on never becomes validation data.
+native backend uses at inference: the prompt with mask 0 and each reply plus its end marker with mask 1,
+one sequence per conversation. Conversations are split about 90/10 by a seeded hash of their id, so one
+conversation never lands on both sides and a conversation once trained on never becomes validation data;
+conversations with an edited reply always train, and the val split also asks each edit's question afresh.
 
 On disk, per split: `<split>.tokens.bin` (uint16 when the vocabulary fits, else uint32), `<split>.mask.bin`
 (uint8) and `<split>.offsets.bin` (int64, example boundaries), and one `manifest.json` written last.
@@ -100,20 +101,63 @@ def split_by_conversation(selections: list[Selection], val_fraction: float,
         digest = hashlib.sha256(f"{seed}:{s.conversation.conversation_id}".encode()).hexdigest()
         return int(digest[:15], 16) / 16 ** 15
 
-    ranked = sorted(selections, key=position)
+    # Conversations where the user corrected a reply are what the run is for: they always train (when
+    # other conversations can be held out), and validation measures the rest of the chat.
+    taught = [s for s in selections if any(s.conversation.exchanges[i].turn in s.conversation.edits
+                                           for i in s.turns)]
+    ranked = sorted((s for s in selections if s not in taught), key=position)
+    if not ranked:
+        taught, ranked = [], sorted(selections, key=position)
     n_val = sum(position(s) < val_fraction for s in ranked)
-    n_val = min(len(ranked) - 1, max(1, n_val))  # tiny logs still get a val set, and keep a train set
-    return ranked[n_val:], ranked[:n_val]
+    n_val = max(1, min(n_val, len(ranked) - (0 if taught else 1)))  # tiny logs still get a val set
+    return taught + ranked[n_val:], ranked[:n_val]
 
 
 def render_examples(selections: list[Selection], fmt: ChatFormat, tokenizer: Tokenizer
                     ) -> list[tuple[list[int], list[int]]]:
+    """One example per conversation: its rendering up to the last selected reply, every selected reply a target.
+
+    A causal model's loss on a reply depends only on what precedes it, so one sequence carrying all of a
+    conversation's targets gives the same loss as one example per turn, without recomputing the shared
+    history for every turn (a four-turn chat costs a quarter of the tokens). Where the tokenizer does not
+    render the shorter examples as exact prefixes of the longer one, the turns stay separate examples.
+    """
     encode = prompt_encoder(fmt, tokenizer)
     examples = []
     for sel in selections:
         per_turn = fmt.training_examples(sel.conversation.messages(), encode, tokenizer.eot_id)
-        examples.extend(per_turn[i] for i in sel.turns)
+        chosen = [per_turn[i] for i in sel.turns]
+        ids, mask = list(chosen[-1][0]), list(chosen[-1][1])
+        separate = []
+        for turn_ids, turn_mask in chosen[:-1]:
+            if ids[:len(turn_ids)] == list(turn_ids):
+                mask[:len(turn_mask)] = [a or b for a, b in zip(mask[:len(turn_mask)], turn_mask, strict=True)]
+            else:
+                separate.append((turn_ids, turn_mask))
+        examples.extend(separate + [(ids, mask)])
     return examples
+
+
+def taught_probes(selections: list[Selection], fmt: ChatFormat, tokenizer: Tokenizer
+                  ) -> list[tuple[list[int], list[int]]]:
+    """Each edited reply as the answer to its question asked in a fresh conversation (validation only).
+
+    The val loss then falls while the model learns what the user corrected (asked anew, not in the chat it was
+    taught in) and rises when the held-out conversations drift: early stopping and the kept checkpoint weigh
+    both, where held-out chats alone would prefer the base (learning a fact never helps an unrelated chat).
+    """
+    encode = prompt_encoder(fmt, tokenizer)
+    probes = []
+    for sel in selections:
+        conv = sel.conversation
+        system = [{"role": "system", "content": conv.system_prompt}] if conv.system_prompt else []
+        for i in sel.turns:
+            ex = conv.exchanges[i]
+            if ex.turn in conv.edits:
+                messages = [*system, {"role": "user", "content": ex.user},
+                            {"role": "assistant", "content": conv.edits[ex.turn]}]
+                probes.append(fmt.training_examples(messages, encode, tokenizer.eot_id)[-1])
+    return probes
 
 
 def write_split(directory: Path, name: str, examples: list[tuple[list[int], list[int]]], dtype: np.dtype) -> dict:
@@ -187,10 +231,12 @@ def prepare_chat_data(history: str | Path, tokenizer: Tokenizer, directory: str 
                    **counts},
         "splits": {},
     }
-    for name, sel in (("train", train_sel), ("val", val_sel)):
-        stats = write_split(directory, name, render_examples(sel, fmt, tokenizer), dtype)
+    probes = taught_probes(train_sel, fmt, tokenizer)
+    for name, sel, extra in (("train", train_sel, []), ("val", val_sel, probes)):
+        stats = write_split(directory, name, render_examples(sel, fmt, tokenizer) + extra, dtype)
         stats["conversations"] = [s.conversation.conversation_id for s in sel]
         manifest["splits"][name] = stats
+    manifest["splits"]["val"]["taught_probes"] = len(probes)
     _write_manifest(directory, manifest)
     return manifest
 

@@ -1,21 +1,26 @@
 """Fine-tune a native model on the chat log.
 
-    python -m training.finetune --history chat_history.jsonl --base latest --out models/native/my-run
+    python -m training.finetune --history chat_history.jsonl                 # settings chosen from data + device
     python -m training.finetune --base models/native/smollm2-135m-instruct --max-iters 100 --lr 3e-5
     python -m training.finetune --out models/native/my-run --resume          # continue an interrupted run
     torchrun --nproc_per_node 4 -m training.finetune ...                     # the same, DDP on 4 GPUs
 
-Each conversation of the log is rendered exactly as the native backend renders prompts at inference (one
-example per assistant turn, loss on the reply and its end marker only), split 90/10 by conversation, and
-stored as memory-mapped token/mask arrays in `<out>.train/data/`. Training keeps the checkpoint with the
-lowest val loss in --out (atomically; the base is never touched), plus meta.json and loss_curve.png.
-The app's native backend serves it after a reload (`latest` is the newest checkpoint under models/native/).
+Each conversation of the log is rendered exactly as the native backend renders prompts at inference (loss on
+the replies and their end markers only; a conversation's turns share one sequence), split about 90/10 by
+conversation (conversations with an edit always train; val also asks each edit afresh), and stored as
+memory-mapped token/mask arrays in `<out>.train/data/`. Settings left "auto" (configs/finetune.toml) are
+chosen by training/auto.py and printed in one line. Training keeps the checkpoint with the lowest val loss in
+--out (atomically; the base is never touched), plus meta.json and loss_curve.png, then reports recall of the
+edited/liked replies and retention of training/quality.py's questions (training/report.py, in meta.json).
+`--status FILE` keeps a JSON progress record: the app's fine-tune panel runs this command and watches it.
 Exit status: 0 done, 2 bad input (one-sentence message), 130 interrupted (the best so far is kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 
 from gpt.assets import REPO_ROOT
+from gpt.chatlog import conversations
 from gpt.checkpoint import (
     CheckpointError,
     is_checkpoint,
@@ -33,12 +39,23 @@ from gpt.checkpoint import (
 )
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
+from training.auto import resolve_auto, resolve_block_and_batch
 from training.batches import ChatBatches
 from training.config import add_config_flags, load_config, overrides_from_args
-from training.data import load_split, prepare_chat_data, read_manifest, show_masked
+from training.data import (
+    chat_format_for,
+    load_split,
+    prepare_chat_data,
+    read_history,
+    read_manifest,
+    select_exchanges,
+    show_masked,
+)
 from training.lora import apply_lora, merged_copy
 from training.outputs import work_dir_for
+from training.report import compare, recall, retention, taught_examples
 from training.run import (
+    EXIT_INTERRUPTED,
     UsageError,
     check_out,
     guarded,
@@ -49,6 +66,7 @@ from training.run import (
     start_processes,
     train_and_report,
 )
+from training.status import RunStatus
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "finetune.toml"
 
@@ -76,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out from its last saved state and data")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (evaluations still print)")
+    parser.add_argument("--no-report", action="store_true",
+                        help="skip the before/after report (recall of the edited and liked replies, retention of "
+                             "training.quality's general questions)")
+    parser.add_argument("--status", default=None, metavar="FILE",
+                        help="keep a JSON progress record in FILE (state, step, total, losses, report), rewritten "
+                             "atomically; the app's fine-tune panel watches it")
     parser.add_argument("--show-examples", type=int, default=0, metavar="N",
                         help="print the first N training examples with their targets marked, then exit without "
                              "training (to check what the model will learn)")
@@ -122,13 +146,14 @@ def default_out() -> Path:
     return native_models_dir() / time.strftime("finetuned-%Y%m%d-%H%M%S")
 
 
-def finetune(args: argparse.Namespace) -> int:
+def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
+    status = status or RunStatus(None)
     out_arg = Path(args.out) if args.out else None
     if args.resume and out_arg is not None:
-        cfg = load_config(args.config, overrides_from_args(args), defaults=saved_config(out_arg))
+        cfg = load_config(args.config, overrides_from_args(args), defaults=saved_config(out_arg), allow_auto=True)
     else:
         config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-        cfg = load_config(config, overrides_from_args(args))
+        cfg = load_config(config, overrides_from_args(args), allow_auto=True)
     if args.min_exchanges < 1:
         raise UsageError(f"--min-exchanges must be an integer >= 1, got {args.min_exchanges}.")
     dist, device = start_processes(cfg)
@@ -138,6 +163,7 @@ def finetune(args: argparse.Namespace) -> int:
 
     if args.show_examples:
         return show_examples(args, cfg)
+    status.update(phase="loading the base model")
     if args.resume:
         check_out(out, resume=True)
         model, tokenizer, meta = load_checkpoint(out)
@@ -154,27 +180,78 @@ def finetune(args: argparse.Namespace) -> int:
         say(dist, describe_data(manifest))
 
     n_params = model.get_num_params()
-    if cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    splits = manifest["splits"]
+    chosen = resolve_block_and_batch(cfg, device, max(splits["train"]["longest"], splits["val"]["longest"]),
+                                     model.config.block_size)
     cfg.block_size = min(cfg.block_size, model.config.block_size)
     train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
     batches = ChatBatches(train, val, cfg.block_size, cfg.batch_size, pad_id=tokenizer.eot_id, seed=cfg.seed,
                           rank=dist.rank, world_size=dist.world_size)
+    say(dist, resolve_auto(cfg, device=device, rows_per_epoch=batches.rows_per_epoch, val_rows=batches.val_rows,
+                           chosen=chosen))
+    measure = dist.is_main and not args.resume and not args.no_report
+    if measure:
+        status.update(phase="asking the base the retention questions")
+        taught = taught_examples(train_selections(args, manifest), chat_format_for(tokenizer), tokenizer)
+        before = retention(model.to(device), tokenizer)
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = f"LoRA rank {cfg.lora_rank}, {trainable / 1e6:.2f}M trainable" if cfg.lora_rank else "full fine-tuning"
     say(dist, f"base {base_source}: {n_params / 1e6:.1f}M parameters ({what}); training on {device} "
-              f"({dist.world_size} process{'es' if dist.world_size > 1 else ''}), block {cfg.block_size}, "
-              f"batch {cfg.batch_size} x accum {cfg.grad_accum}, lr {cfg.lr:g} -> {cfg.min_lr:g}")
+              f"({dist.world_size} process{'es' if dist.world_size > 1 else ''})")
     source = manifest["source"]
     meta = {"kind": "finetune", "base": base_source, "tokenizer": tokenizer.name, "config": cfg.to_dict(),
             "skipped_lines": source["malformed_lines"],
             "data": {"history": source["history"], "history_sha256": source["sha256"], "manifest": str(data_dir),
                      "only_liked": source["only_liked"], "exclude_disliked": source["exclude_disliked"],
                      "exchanges": source["usable_exchanges"],
-                     **{f"{name}_{key}": manifest["splits"][name][key] for name in ("train", "val")
+                     **{f"{name}_{key}": splits[name][key] for name in ("train", "val")
                         for key in ("examples", "tokens", "target_tokens")}}}
-    return train_and_report(model, tokenizer, batches, cfg, out, meta, dist=dist, device=device,
-                            resume=args.resume, progress=not args.no_progress, export=merged_copy)
+    status.update(phase="training", total=cfg.max_iters)
+    code = train_and_report(model, tokenizer, batches, cfg, out, meta, dist=dist, device=device,
+                            resume=args.resume, progress=not args.no_progress, export=merged_copy,
+                            on_step=status.on_step)
+    if code == 0 and is_checkpoint(out):
+        status.update(checkpoint=str(out))
+    if code == 0 and measure and is_checkpoint(out):
+        status.update(phase="checking what the model learned and kept")
+        report = measure_run(out, device, taught, before)
+        say(dist, describe_report(report))
+        status.update(report=report)
+    return code
+
+
+def train_selections(args: argparse.Namespace, manifest: dict):
+    """The train split's conversations with the run's filters (what recall asks back)."""
+    selections, _ = select_exchanges(conversations(read_history(args.history)), args.only_liked,
+                                     args.exclude_disliked)
+    train_ids = set(manifest["splits"]["train"]["conversations"])
+    return [s for s in selections if s.conversation.conversation_id in train_ids]
+
+
+def measure_run(out: Path, device, taught, before) -> dict:
+    """Recall and retention of the best checkpoint, recorded in its meta.json (atomically)."""
+    model, tokenizer, meta = load_checkpoint(out, device=device)
+    report = {"val_loss_before": meta["history"][0]["val_loss"] if meta.get("history") else None,
+              "val_loss_after": meta.get("best_val_loss"), "recall": recall(model, taught),
+              "retention": compare(before, retention(model, tokenizer, reference=before))}
+    meta["report"] = report
+    tmp = out / f".meta.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / "meta.json")
+    return report
+
+
+def describe_report(report: dict) -> str:
+    rec, ret = report["recall"], report["retention"]
+    lines = [f"report: val loss {report['val_loss_before']:.4f} -> {report['val_loss_after']:.4f}; "
+             f"recall (asked back greedily, word for word): edited {rec['edited']['reproduced']}/"
+             f"{rec['edited']['total']}, liked {rec['liked']['reproduced']}/{rec['liked']['total']}; "
+             f"retention: {ret['kept']}/{ret['right_before']} right answers kept "
+             f"({ret['right_after']}/{ret['questions']} right after)"]
+    lines += [f"  lost: {lost['question']} -> {lost['after']!r}" for lost in ret["lost"]]
+    return "\n".join(lines)
 
 
 def show_examples(args: argparse.Namespace, cfg) -> int:
@@ -210,7 +287,19 @@ def describe_data(manifest: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return guarded(lambda: finetune(args))
+    status = RunStatus(args.status)
+    status.update(phase="starting")
+    errors: list[str] = []
+    try:
+        code = guarded(lambda: finetune(args, status), errors)
+    except BaseException as e:  # a crash: the watcher learns of it, and the traceback still prints
+        status.update(state="failed", message=f"Training crashed ({type(e).__name__}: {e}); see the log.")
+        raise
+    state = {0: "done", EXIT_INTERRUPTED: "cancelled"}.get(code, "failed")
+    message = {"done": "Finished.", "cancelled": "Cancelled; the model in use did not change."}.get(
+        state, errors[0] if errors else "Training failed.")
+    status.update(state=state, message=message)
+    return code
 
 
 if __name__ == "__main__":

@@ -104,10 +104,11 @@ class Trainer:
     def __init__(self, model: GPT, batches, cfg: TrainConfig, device: torch.device, dist: Distributed | None = None,
                  on_best: Callable[[GPT, LoopState], None] | None = None,
                  on_eval: Callable[[GPT, torch.optim.Optimizer, LoopState], None] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, on_step: Callable[[LoopState, float], None] | None = None):
         self.cfg, self.device, self.dist = cfg, device, dist or Distributed()
         self.batches = batches
         self.on_best, self.on_eval, self.progress = on_best, on_eval, progress
+        self.on_step = on_step  # after every step with its loss (progress reports, e.g. the app's status file)
         self.dtype = pick_dtype(cfg.dtype, device)
         if device.type != "cuda" and self.dtype == torch.float16:
             raise ConfigError("dtype fp16 needs a CUDA device: use fp32 or bf16 here.")
@@ -238,6 +239,8 @@ class Trainer:
                             postfix["mfu"] = f"{100 * mfu:.1f}%"
                         bar.set_postfix(postfix, refresh=False)
                         bar.update(1)
+                    if self.on_step and self.dist.is_main:
+                        self.on_step(s, loss)
         except KeyboardInterrupt:
             stopped = "interrupted"
         finally:

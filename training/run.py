@@ -39,13 +39,16 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def guarded(command: Callable[[], int]) -> int:
-    """Run `command`; a user-caused error becomes `error: <sentence>` on stderr and exit status 2, and Ctrl-C
-    before training (the loop handles it during training) exit status 130 without a traceback."""
+def guarded(command: Callable[[], int], errors: list[str] | None = None) -> int:
+    """Run `command`; a user-caused error becomes `error: <sentence>` on stderr (and in `errors`, if given) and
+    exit status 2, and Ctrl-C before training (the loop handles it during training) exit status 130 without a
+    traceback."""
     try:
         return command()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        if errors is not None:
+            errors.append(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:  # before training started (loading, preparing data): nothing to keep yet
         print("interrupted before training started; no checkpoint was written.", file=sys.stderr)
@@ -107,11 +110,11 @@ def prepare_once(dist: Distributed, data_dir: Path, prepare: Callable[[], dict])
 
 def train_and_report(model: GPT, tokenizer: Tokenizer, batches, cfg: TrainConfig, out: Path, meta: dict, *,
                      dist: Distributed, device: torch.device, resume: bool, progress: bool = True,
-                     export: Callable[[GPT], GPT] | None = None) -> int:
+                     export: Callable[[GPT], GPT] | None = None, on_step=None) -> int:
     """Train with early stopping, keep the best in `out`, print how it went; returns the exit status."""
     outputs = RunOutputs(out, tokenizer, meta, export)
     trainer = Trainer(model, batches, cfg, device, dist, on_best=outputs.save_best, on_eval=outputs.save_state,
-                      progress=progress)
+                      progress=progress, on_step=on_step)
     if resume:
         trainer.load_state(load_training_state(outputs.state_path))
         if trainer.state.iteration >= cfg.max_iters:

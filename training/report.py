@@ -1,0 +1,164 @@
+"""What a fine-tuning run did: recall of what the log taught, and retention of what the base knew.
+
+    taught = taught_examples(selections, fmt, tokenizer)    # the edited and liked replies, asked alone
+    before = retention(base_model, tokenizer)               # RetentionResult: answers to training.quality
+    after = retention(model, tokenizer, reference=before)
+    report = {"recall": recall(model, tokenizer, taught), "retention": compare(before, after)}
+
+Recall asks each reply the user edited or liked back as a fresh conversation (its question alone, as a
+user would ask it again) and counts the replies the model now reproduces greedily, word for word. That is
+checked by teacher forcing, which is exact and one batched forward pass: greedy decoding reproduces a
+reply if and only if, fed the reply, the model's argmax at every position up to and including the end
+marker is the reply's next token.
+
+Retention answers the fixed questions of `training.quality` greedily. After training, a question whose
+base answer the model still reproduces (teacher forcing again) keeps that answer without decoding; only
+the changed ones are decoded, so the after-check costs about one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpt.chat_format import ChatFormat, message_text
+from gpt.engine import Engine
+from gpt.model import GPT
+from gpt.sampling import SamplingParams
+from gpt.tokenizer import Tokenizer
+from training.quality import QUESTIONS, Question, is_right
+
+MAX_ANSWER_TOKENS = 32  # retention answers are one sentence; a longer one is cut (and judged as it stands)
+
+
+@dataclass
+class Taught:
+    """One reply the log teaches, as a fresh one-question conversation."""
+
+    question: str
+    reply: str
+    kind: str  # "edited" or "liked"
+    prompt_ids: list[int]
+    reply_ids: list[int]  # up to and including the end marker
+
+
+def _encode(fmt: ChatFormat, tokenizer: Tokenizer):
+    return tokenizer.encode_markup if fmt.uses_template else tokenizer.encode
+
+
+def render_question(fmt: ChatFormat, tokenizer: Tokenizer, question: str, system_prompt: str | None = None,
+                    reply: str | None = None) -> tuple[list[int], list[int]]:
+    """Prompt ids for `question` as the native backend renders it, and (if given) the reply's ids through the
+    first end-of-turn id."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": question}]
+    encode = _encode(fmt, tokenizer)
+    prompt = encode(fmt.render(messages))
+    if reply is None:
+        return prompt, []
+    ids = encode(fmt.reply_text(messages, reply))
+    if not fmt.uses_template:
+        ids = ids + [tokenizer.eot_id]
+    end = next((i for i, t in enumerate(ids) if t in tokenizer.stop_ids), len(ids) - 1)
+    return prompt, ids[:end + 1]
+
+
+def taught_examples(selections, fmt: ChatFormat, tokenizer: Tokenizer) -> list[Taught]:
+    """The edited and liked target replies of the selected exchanges (training.data.Selection)."""
+    out = []
+    for sel in selections:
+        conv = sel.conversation
+        for index in sel.turns:
+            ex = conv.exchanges[index]
+            edited, liked = ex.turn in conv.edits, conv.ratings.get(ex.turn) == "like"
+            if not (edited or liked):
+                continue
+            reply = message_text(conv.edits.get(ex.turn, ex.assistant))
+            prompt, ids = render_question(fmt, tokenizer, ex.user, conv.system_prompt, reply)
+            out.append(Taught(ex.user, reply, "edited" if edited else "liked", prompt, ids))
+    return out
+
+
+@torch.no_grad()
+def reproduces(model: GPT, sequences: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[bool]:
+    """For each (prompt, reply) pair: would greedy decoding from `prompt` produce exactly `reply`?"""
+    model.eval()
+    device = model.transformer.wte.weight.device
+    limit = model.config.block_size
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        rows = [(p + r)[-limit:] for p, r in chunk]
+        width = max(map(len, rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):  # right padding: causal attention never lets it reach real tokens
+            ids[i, :len(row)] = torch.tensor(row)
+        logits = model(ids.to(device))
+        guesses = logits.argmax(-1).cpu()
+        for i, (row, (_, reply)) in enumerate(zip(rows, chunk, strict=True)):
+            n = len(reply)
+            predicted = guesses[i, len(row) - n - 1:len(row) - 1]
+            out.append(bool(n) and predicted.tolist() == list(reply))
+    return out
+
+
+def recall(model: GPT, taught: list[Taught]) -> dict:
+    """How many of the taught replies the model reproduces, by kind, and which questions it misses."""
+    hits = reproduces(model, [(t.prompt_ids, t.reply_ids) for t in taught])
+    report = {}
+    for kind in ("edited", "liked"):
+        pairs = [(t, h) for t, h in zip(taught, hits, strict=True) if t.kind == kind]
+        report[kind] = {"reproduced": sum(h for _, h in pairs), "total": len(pairs),
+                        "missed": [t.question for t, h in pairs if not h]}
+    return report
+
+
+@dataclass
+class RetentionResult:
+    answers: list[str]
+    right: list[bool]
+
+    @property
+    def n_right(self) -> int:
+        return sum(self.right)
+
+
+def greedy_answer(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int],
+                  max_new_tokens: int = MAX_ANSWER_TOKENS) -> list[int]:
+    engine = Engine(model, fast=False)
+    return list(engine.generate(prompt_ids, max_new_tokens, SamplingParams(temperature=0),
+                                stop_ids=tokenizer.stop_ids))
+
+
+def retention(model: GPT, tokenizer: Tokenizer, reference: RetentionResult | None = None,
+              questions: tuple[Question, ...] = QUESTIONS) -> RetentionResult:
+    """Greedy answers to the retention questions; answers equal to `reference`'s are confirmed by teacher
+    forcing instead of decoded again."""
+    fmt = ChatFormat.for_tokenizer(tokenizer)
+    prompts = [render_question(fmt, tokenizer, q.question)[0] for q in questions]
+    answers: list[str | None] = [None] * len(questions)
+    if reference is not None:
+        encode = _encode(fmt, tokenizer)
+        pairs = []
+        for prompt, answer in zip(prompts, reference.answers, strict=True):
+            ids = encode(answer)
+            # Unless the reference was cut at the limit, greedy decoding also produced the end marker.
+            pairs.append((prompt, ids if len(ids) >= MAX_ANSWER_TOKENS else ids + [tokenizer.eot_id]))
+        for i, same in enumerate(reproduces(model, pairs)):
+            if same:
+                answers[i] = reference.answers[i]
+    for i, prompt in enumerate(prompts):
+        if answers[i] is None:
+            answers[i] = tokenizer.decode(greedy_answer(model, tokenizer, prompt))
+    right = [is_right(a, q) for a, q in zip(answers, questions, strict=True)]
+    return RetentionResult(answers, right)
+
+
+def compare(before: RetentionResult, after: RetentionResult, questions: tuple[Question, ...] = QUESTIONS) -> dict:
+    """Retention as counts, plus the questions whose right answer was lost (with the new answer)."""
+    lost = [{"question": q.question, "before": b, "after": a}
+            for q, b, a, rb, ra in zip(questions, before.answers, after.answers, before.right, after.right,
+                                       strict=True) if rb and not ra]
+    return {"questions": len(questions), "right_before": before.n_right, "right_after": after.n_right,
+            "kept": sum(rb and ra for rb, ra in zip(before.right, after.right, strict=True)), "lost": lost}
