@@ -126,7 +126,7 @@ class RetentionResult:
 
 def greedy_answer(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int],
                   max_new_tokens: int = MAX_ANSWER_TOKENS) -> list[int]:
-    engine = Engine(model, fast=False)
+    engine = Engine(model)
     return list(engine.generate(prompt_ids, max_new_tokens, SamplingParams(temperature=0),
                                 stop_ids=tokenizer.stop_ids))
 
