@@ -3,6 +3,7 @@
     from backends import create_backend, GenerationConfig
     backend = create_backend("native")                                # newest checkpoint under models/native/
     backend = create_backend("native", checkpoint="models/native/my-run", device="cpu", dtype="fp32")
+    backend = create_backend("native", weights="int8")                # int8 / bf16 / fp32 weights (gpt/quantize.py)
     prompt = backend.format_chat([{"role": "user", "content": "Hi"}])
     print(backend.generate(prompt, GenerationConfig(temperature=0)))
 
@@ -22,8 +23,19 @@ from gpt.chat_format import ChatFormat
 from gpt.checkpoint import CheckpointError, load_checkpoint, native_models_dir, resolve_checkpoint
 from gpt.device import pick_device, pick_dtype
 from gpt.engine import Engine
+from gpt.quantize import WEIGHT_FORMATS, apply_weight_format
 from gpt.sampling import SamplingParams
 from gpt.tokenizer import IncrementalDecoder, Tokenizer
+
+
+def _check_weights(weights: str, dtype: str | None) -> str:
+    """The weight format: `auto` (int8 on CPU, the dtype's own elsewhere) or one of WEIGHT_FORMATS."""
+    if weights != "auto" and weights not in WEIGHT_FORMATS:
+        raise BackendError(f"weights must be auto, {', '.join(WEIGHT_FORMATS)} (got {weights!r}): set it in "
+                           f"configs/app.toml or pass --weights.")
+    if weights != "auto" and dtype not in (None, "auto", "fp32" if weights == "int8" else weights):
+        raise BackendError(f"weights={weights!r} and dtype={dtype!r} disagree: set only one of them.")
+    return weights
 
 
 @dataclass(frozen=True)
@@ -45,11 +57,12 @@ def _checkpoint_spec(checkpoint) -> str:
 
 class NativeBackend(LazyModelBackend):
     def __init__(self, checkpoint: str = "latest", device: str | None = None, dtype: str | None = None,
-                 name: str = "native"):
+                 weights: str = "auto", name: str = "native"):
         self.name = name
         self.checkpoint = _checkpoint_spec(checkpoint)
         self.device = device
         self.dtype = dtype
+        self.weights = _check_weights(weights, dtype)
         super().__init__()
         self._resolve()  # fail now, with what to do, rather than at the first message
 
@@ -62,9 +75,17 @@ class NativeBackend(LazyModelBackend):
     def _load(self) -> _Loaded:
         path = self._resolve()
         device = pick_device(self.device)
+        weights = self.weights
+        if weights == "auto":  # int8 where it is measured fastest at fp32's quality (docs/benchmarks.md)
+            weights = "int8" if device.type == "cpu" and self.dtype in (None, "auto") else None
+        dtype = pick_dtype("fp32" if weights == "int8" else weights or self.dtype, device)
         try:
-            model, tokenizer, meta = load_checkpoint(path, device=device, dtype=pick_dtype(self.dtype, device))
+            model, tokenizer, meta = load_checkpoint(path, device=device, dtype=dtype)
+            if weights == "int8":
+                apply_weight_format(model, "int8")
         except CheckpointError as e:
+            raise BackendError(str(e)) from None
+        except ValueError as e:  # int8 asked for on a GPU
             raise BackendError(str(e)) from None
         return _Loaded(Engine(model), tokenizer, ChatFormat.for_tokenizer(tokenizer), path, meta)
 

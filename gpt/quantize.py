@@ -1,0 +1,106 @@
+"""Weight formats for serving a native model: int8 (weight-only, per-output-channel scales), bf16, fp32.
+
+    model, tokenizer, meta = load_checkpoint(path)       # full precision, as trained and saved
+    apply_weight_format(model, "int8")                   # in place: every nn.Linear (the head too) -> Int8Linear
+    check_weight_format("int4")                          # ValueError that names the formats
+
+Checkpoints stay full precision (fine-tuning trains those); a model is quantised when it is loaded for
+serving, so a fine-tuned checkpoint is served in the same format as the bundled one.
+
+Why int8 this way (measured on the 2-core CPU, docs/benchmarks.md): batch-1 decoding streams every weight
+once per token, so a quarter of fp32's bytes is most of the win. `torch.ops.aten._weight_int8pack_mm`
+(PyTorch's own weight-only int8 kernel, the route torchchat uses) multiplies bf16 activations by int8
+weights with per-row scales; activations stay unquantised, so only the weights lose precision. It is a
+matrix-vector kernel: beyond `INT8_MAX_ROWS` rows (a prompt's prefill) fp32 GEMM is faster on CPUs
+without native bf16 arithmetic, so those products dequantise the weight to the activations' dtype.
+The rest of the model (norms, attention, KV cache, residual stream, embedding lookup) stays in the
+model's dtype (fp32 on CPU); the tied head gets its own int8 copy, the embedding table keeps its rows
+for the lookup, which reads one row per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHT_FORMATS = ("int8", "bf16", "fp32")
+INT8_MAX_ROWS = 16  # products with more rows dequantise and run fp32 GEMM (faster there, see above)
+
+
+def check_weight_format(weights: str) -> str:
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)} (got {weights!r}): "
+                         f"int8 is the fastest on CPU, fp32 the reference.")
+    return weights
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 (N, K), scale bf16 (N,)) with q * scale ≈ weight.
+
+    The scale is rounded to bf16 (what the kernel takes) before quantising, so q * scale is exactly the
+    weight the kernel multiplies by.
+    """
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """An nn.Linear with int8 weights; input (..., K) in any leading shape, output in the input's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        q, scale = quantize_rows(weight)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(linear.weight, linear.bias).to(linear.weight.device)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= INT8_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(rows, self.dequantized(x.dtype), self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def apply_weight_format(model: nn.Module, weights: str) -> nn.Module:
+    """Convert a loaded full-precision model in place for serving; returns it.
+
+    fp32: unchanged (its dtype is the caller's). bf16: every floating tensor in bf16. int8: every nn.Linear
+    becomes an Int8Linear (CPU only: the kernel is a CPU kernel here); a head tied to the embedding gets
+    its own int8 copy and the embedding keeps its full-precision rows for the lookup.
+    """
+    check_weight_format(weights)
+    if weights == "bf16":
+        return model.to(torch.bfloat16)
+    if weights == "int8":
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            raise ValueError(f"weights='int8' runs on CPU only (the model is on {device.type}): use bf16 there.")
+        with torch.no_grad():
+            _swap_linears(model)
+    return model
+
+
+def _swap_linears(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear.from_linear(child))
+        else:
+            _swap_linears(child)
