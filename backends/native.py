@@ -21,21 +21,11 @@ from backends.base import BackendError, LazyModelBackend
 from backends.reply import ReplyStream, as_generation_config, check_prompt_fits, emit_until_stop
 from gpt.chat_format import ChatFormat
 from gpt.checkpoint import CheckpointError, load_checkpoint, native_models_dir, resolve_checkpoint
-from gpt.device import pick_device, pick_dtype
+from gpt.device import pick_device
 from gpt.engine import Engine
-from gpt.quantize import WEIGHT_FORMATS, apply_weight_format
+from gpt.quantize import apply_weight_format, resolve_weight_format
 from gpt.sampling import SamplingParams
 from gpt.tokenizer import IncrementalDecoder, Tokenizer
-
-
-def _check_weights(weights: str, dtype: str | None) -> str:
-    """The weight format: `auto` (int8 on CPU, the dtype's own elsewhere) or one of WEIGHT_FORMATS."""
-    if weights != "auto" and weights not in WEIGHT_FORMATS:
-        raise BackendError(f"weights must be auto, {', '.join(WEIGHT_FORMATS)} (got {weights!r}): set it in "
-                           f"configs/app.toml or pass --weights.")
-    if weights != "auto" and dtype not in (None, "auto", "fp32" if weights == "int8" else weights):
-        raise BackendError(f"weights={weights!r} and dtype={dtype!r} disagree: set only one of them.")
-    return weights
 
 
 @dataclass(frozen=True)
@@ -62,7 +52,11 @@ class NativeBackend(LazyModelBackend):
         self.checkpoint = _checkpoint_spec(checkpoint)
         self.device = device
         self.dtype = dtype
-        self.weights = _check_weights(weights, dtype)
+        try:
+            resolve_weight_format(weights, pick_device(device), dtype)  # a bad value fails now, not at load
+        except ValueError as e:
+            raise BackendError(f"{e} Fix it in configs/app.toml or the --weights / --dtype flags.") from None
+        self.weights = weights
         super().__init__()
         self._resolve()  # fail now, with what to do, rather than at the first message
 
@@ -75,18 +69,12 @@ class NativeBackend(LazyModelBackend):
     def _load(self) -> _Loaded:
         path = self._resolve()
         device = pick_device(self.device)
-        weights = self.weights
-        if weights == "auto":  # int8 where it is measured fastest at fp32's quality (docs/benchmarks.md)
-            weights = "int8" if device.type == "cpu" and self.dtype in (None, "auto") else None
-        dtype = pick_dtype("fp32" if weights == "int8" else weights or self.dtype, device)
+        weights, dtype = resolve_weight_format(self.weights, device, self.dtype)
         try:
             model, tokenizer, meta = load_checkpoint(path, device=device, dtype=dtype)
-            if weights == "int8":
-                apply_weight_format(model, "int8")
         except CheckpointError as e:
             raise BackendError(str(e)) from None
-        except ValueError as e:  # int8 asked for on a GPU
-            raise BackendError(str(e)) from None
+        apply_weight_format(model, weights)  # checkpoints stay full precision; serving quantises at load
         return _Loaded(Engine(model), tokenizer, ChatFormat.for_tokenizer(tokenizer), path, meta)
 
     def reload(self) -> Path:

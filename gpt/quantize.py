@@ -3,6 +3,7 @@
     model, tokenizer, meta = load_checkpoint(path)       # full precision, as trained and saved
     apply_weight_format(model, "int8")                   # in place: every nn.Linear (the head too) -> Int8Linear
     check_weight_format("int4")                          # ValueError that names the formats
+    fmt, dtype = resolve_weight_format("auto", torch.device("cpu"), None)   # ("int8", torch.float32)
 
 Checkpoints stay full precision (fine-tuning trains those); a model is quantised when it is loaded for
 serving, so a fine-tuned checkpoint is served in the same format as the bundled one.
@@ -20,19 +21,48 @@ for the lookup, which reads one row per token.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from gpt.device import pick_dtype
 
 WEIGHT_FORMATS = ("int8", "bf16", "fp32")
 INT8_MAX_ROWS = 16  # products with more rows dequantise and run fp32 GEMM (faster there, see above)
 
 
-def check_weight_format(weights: str) -> str:
-    if weights not in WEIGHT_FORMATS:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)} (got {weights!r}): "
+def check_weight_format(weights: str, allow_auto: bool = False) -> str:
+    allowed = ("auto", *WEIGHT_FORMATS) if allow_auto else WEIGHT_FORMATS
+    if weights not in allowed:
+        raise ValueError(f"weights must be one of {', '.join(allowed)} (got {weights!r}): "
                          f"int8 is the fastest on CPU, fp32 the reference.")
     return weights
+
+
+def resolve_weight_format(weights: str | None, device: torch.device,
+                          dtype: str | torch.dtype | None) -> tuple[str | None, torch.dtype]:
+    """(format to apply after loading, dtype to load the checkpoint in) for a `weights` option and a `dtype`.
+
+    `auto` (or None) is int8 on CPU when no dtype is asked for (measured fastest at fp32's quality:
+    docs/benchmarks.md) and otherwise the dtype's own weights (format None: load in `dtype`, nothing more).
+    A dtype that contradicts the format is a ValueError.
+    """
+    weights = check_weight_format(weights or "auto", allow_auto=True)
+    asked = dtype not in (None, "", "auto")
+    if weights == "auto":
+        if device.type == "cpu" and not asked:
+            weights = "int8"
+        else:
+            return None, pick_dtype(dtype, device)
+    load_dtype = torch.float32 if weights in ("int8", "fp32") else torch.bfloat16
+    if asked and pick_dtype(dtype, device) != load_dtype:
+        raise ValueError(f"weights={weights!r} computes in {str(load_dtype).replace('torch.', '')}, "
+                         f"but dtype={dtype!r} was asked for: set only one of them.")
+    if weights == "int8" and device.type != "cpu":
+        raise ValueError(f"weights='int8' runs on CPU only (asked for {device.type}): use bf16 there.")
+    return weights, load_dtype
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,13 +109,27 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def apply_weight_format(model: nn.Module, weights: str) -> nn.Module:
+@contextmanager
+def int8_kernel_for_all_rows():
+    """Every int8 product through the int8 kernel, also a long prompt's: the arithmetic decoding uses
+    (bf16 activations), for measuring its quality on a long text in one pass."""
+    global INT8_MAX_ROWS
+    saved, INT8_MAX_ROWS = INT8_MAX_ROWS, 1 << 62
+    try:
+        yield
+    finally:
+        INT8_MAX_ROWS = saved
+
+
+def apply_weight_format(model: nn.Module, weights: str | None) -> nn.Module:
     """Convert a loaded full-precision model in place for serving; returns it.
 
     fp32: unchanged (its dtype is the caller's). bf16: every floating tensor in bf16. int8: every nn.Linear
     becomes an Int8Linear (CPU only: the kernel is a CPU kernel here); a head tied to the embedding gets
     its own int8 copy and the embedding keeps its full-precision rows for the lookup.
     """
+    if weights is None:
+        return model
     check_weight_format(weights)
     if weights == "bf16":
         return model.to(torch.bfloat16)
