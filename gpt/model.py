@@ -82,6 +82,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 == self.weight.dtype:  # the same arithmetic in one op (a decode step's hot path)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -120,13 +122,13 @@ class CausalSelfAttention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         hd = cfg.head_dim
-        q, k, v = self.c_attn(x).split([cfg.n_head * hd, cfg.n_kv_head * hd, cfg.n_kv_head * hd], dim=2)
-        q = q.view(B, T, cfg.n_head, hd).transpose(1, 2)
-        k = k.view(B, T, cfg.n_kv_head, hd).transpose(1, 2)
-        v = v.view(B, T, cfg.n_kv_head, hd).transpose(1, 2)
-        if rope is not None:
+        nq, nqk = cfg.n_head, cfg.n_head + cfg.n_kv_head
+        qkv = self.c_attn(x).view(B, T, nqk + cfg.n_kv_head, hd)
+        qk = qkv[:, :, :nqk]
+        if rope is not None:  # q and k heads are adjacent: one rotation for both
             cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        q, k, v = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2), qkv[:, :, nqk:].transpose(1, 2)
         mask, causal = None, True
         if cache is not None:
             start, end = cache.pos, cache.pos + T
