@@ -16,8 +16,8 @@ else. Prefill speed is the prompt's tokens over the time to first token.
 `--weights` picks the native engine's weight format (gpt/quantize.py; default `auto`, what the native
 backend serves: int8 on CPU unless `--dtype` is given); transformers stays in `--dtype` (fp32 on CPU).
 `ppl_ratio` is the native model's perplexity in that format over its own fp32 perplexity on a fixed
-shipped text (benchmarks/data/ppl_text.txt, windows of 512 tokens); int8 is measured with every product
-through the int8 kernel, the arithmetic decoding uses. `--json` makes the last line one JSON object. transformers runs with its default (dynamic) cache; on
+shipped text (benchmarks/data/ppl_text.txt, windows of 512 tokens; int8's long products round as its
+decoding kernel does, so this is the arithmetic decoding uses). `--json` makes the last line one JSON object. transformers runs with its default (dynamic) cache; on
 CUDA also with its static cache, which `generate` compiles with torch.compile.
 """
 
@@ -37,7 +37,7 @@ from benchmarks.measure import PeakMemory, copy_bandwidth, hardware_name, median
 from gpt.device import pick_device, pick_dtype
 from gpt.engine import Engine
 from gpt.model import GPT, GPTConfig
-from gpt.quantize import apply_weight_format, int8_kernel_for_all_rows, resolve_weight_format
+from gpt.quantize import apply_weight_format, resolve_weight_format
 from gpt.sampling import SamplingParams
 
 SMOLLM2_CHECKPOINT = Path("models/native/smollm2-135m-instruct")
@@ -236,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         ppl["fp32"] = perplexity(native.float(), text_ids)
     native = apply_weight_format(native.to(native_dtype), weights)
     if not args.no_ppl:
-        with int8_kernel_for_all_rows():
-            ppl["native"] = perplexity(native, text_ids)
+        ppl["native"] = perplexity(native, text_ids)
     engine = Engine(native, fast=not args.no_fast and device.type == "cuda", compile=args.compile)
     prompt = prompt_ids(native.config.vocab_size, args.prompt_tokens, args.seed)
 

@@ -13,15 +13,14 @@ once per token, so a quarter of fp32's bytes is most of the win. `torch.ops.aten
 (PyTorch's own weight-only int8 kernel, the route torchchat uses) multiplies bf16 activations by int8
 weights with per-row scales; activations stay unquantised, so only the weights lose precision. It is a
 matrix-vector kernel: beyond `INT8_MAX_ROWS` rows (a prompt's prefill) fp32 GEMM is faster on CPUs
-without native bf16 arithmetic, so those products dequantise the weight to the activations' dtype.
+without native bf16 arithmetic, so those products dequantise the weight and run fp32 GEMM, rounding
+activations and outputs to bf16 as the kernel does: a prompt's prefill computes what decoding computes.
 The rest of the model (norms, attention, KV cache, residual stream, embedding lookup) stays in the
 model's dtype (fp32 on CPU); the tied head gets its own int8 copy, the embedding table keeps its rows
 for the lookup, which reads one row per token.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -101,24 +100,14 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
-        else:
-            y = F.linear(rows, self.dequantized(x.dtype), self.bias)
+        else:  # the kernel's rounding (bf16 activations and output), through fp32 GEMM: prefill = decode
+            y = F.linear(rows.to(torch.bfloat16).float(), self.dequantized()).to(torch.bfloat16).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-@contextmanager
-def int8_kernel_for_all_rows():
-    """Every int8 product through the int8 kernel, also a long prompt's: the arithmetic decoding uses
-    (bf16 activations), for measuring its quality on a long text in one pass."""
-    global INT8_MAX_ROWS
-    saved, INT8_MAX_ROWS = INT8_MAX_ROWS, 1 << 62
-    try:
-        yield
-    finally:
-        INT8_MAX_ROWS = saved
 
 
 def apply_weight_format(model: nn.Module, weights: str | None) -> nn.Module:
