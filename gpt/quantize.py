@@ -3,7 +3,7 @@
     model, tokenizer, meta = load_checkpoint(path)       # full precision, as trained and saved
     apply_weight_format(model, "int8")                   # in place: every nn.Linear (the head too) -> Int8Linear
     check_weight_format("int4")                          # ValueError that names the formats
-    fmt, dtype = resolve_weight_format("auto", torch.device("cpu"), None)   # ("int8", torch.float32)
+    fmt, dtype = resolve_weight_format("auto", torch.device("cpu"), None)   # ("bf16", torch.float32)
 
 Checkpoints stay full precision (fine-tuning trains those); a model is quantised when it is loaded for
 serving, so a fine-tuned checkpoint is served in the same format as the bundled one.
@@ -12,11 +12,11 @@ Why int8 this way (measured on the 2-core CPU, docs/benchmarks.md): batch-1 deco
 once per token, so a quarter of fp32's bytes is most of the win. `torch.ops.aten._weight_int8pack_mm`
 (PyTorch's own weight-only int8 kernel, the route torchchat uses) multiplies bf16 activations by int8
 weights with per-row scales; activations stay unquantised, so only the weights lose precision. It is a
-matrix-vector kernel: beyond `INT8_MAX_ROWS` rows (a prompt's prefill) fp32 GEMM is faster on CPUs
+matrix-vector kernel: beyond `MATVEC_MAX_ROWS` rows (a prompt's prefill) fp32 GEMM is faster on CPUs
 without native bf16 arithmetic, so those products dequantise the weight and run fp32 GEMM, rounding
 activations and outputs to bf16 as the kernel does: a prompt's prefill computes what decoding computes.
-The rest of the model (norms, attention, KV cache, residual stream, embedding lookup) stays in the
-model's dtype (fp32 on CPU); the tied head gets its own int8 copy, the embedding table keeps its rows
+`bf16` on CPU stores the products' weights in bf16 the same way (Bf16Linear). The rest of the model
+(norms, attention, KV cache, residual stream, embedding lookup) stays in the model's dtype (fp32 on CPU); the tied head gets its own int8 copy, the embedding table keeps its rows
 for the lookup, which reads one row per token.
 """
 
@@ -29,7 +29,10 @@ import torch.nn.functional as F
 from gpt.device import pick_dtype
 
 WEIGHT_FORMATS = ("int8", "bf16", "fp32")
-INT8_MAX_ROWS = 16  # products with more rows dequantise and run fp32 GEMM (faster there, see above)
+# What `auto` serves on CPU: the fastest format that keeps fp32's answers. int8 is faster but flips one
+# of the 12 quality questions of training/quality.py on SmolLM2 (docs/benchmarks.md); bf16 keeps all 12.
+CPU_DEFAULT = "bf16"
+MATVEC_MAX_ROWS = 16  # products with more rows upcast the weight and run fp32 GEMM (faster there, see above)
 
 
 def check_weight_format(weights: str, allow_auto: bool = False) -> str:
@@ -44,7 +47,7 @@ def resolve_weight_format(weights: str | None, device: torch.device,
                           dtype: str | torch.dtype | None) -> tuple[str | None, torch.dtype]:
     """(format to apply after loading, dtype to load the checkpoint in) for a `weights` option and a `dtype`.
 
-    `auto` (or None) is int8 on CPU when no dtype is asked for (measured fastest at fp32's quality:
+    `auto` (or None) is CPU_DEFAULT on CPU when no dtype is asked for (the fastest at fp32's quality:
     docs/benchmarks.md) and otherwise the dtype's own weights (format None: load in `dtype`, nothing more).
     A dtype that contradicts the format is a ValueError.
     """
@@ -52,10 +55,10 @@ def resolve_weight_format(weights: str | None, device: torch.device,
     asked = dtype not in (None, "", "auto")
     if weights == "auto":
         if device.type == "cpu" and not asked:
-            weights = "int8"
+            weights = CPU_DEFAULT
         else:
             return None, pick_dtype(dtype, device)
-    load_dtype = torch.float32 if weights in ("int8", "fp32") else torch.bfloat16
+    load_dtype = torch.bfloat16 if weights == "bf16" and device.type != "cpu" else torch.float32
     if asked and pick_dtype(dtype, device) != load_dtype:
         raise ValueError(f"weights={weights!r} computes in {str(load_dtype).replace('torch.', '')}, "
                          f"but dtype={dtype!r} was asked for: set only one of them.")
@@ -96,7 +99,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= INT8_MAX_ROWS:
+        if rows.shape[0] <= MATVEC_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
@@ -110,30 +113,61 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Bf16Linear(nn.Module):
+    """An nn.Linear with bf16 weights in an fp32 model: products take bf16-rounded activations and round
+    their output to bf16 (what a bf16 model's products compute) while norms, attention and the residual
+    stream stay fp32. Long inputs (a prompt) run fp32 GEMM on the upcast weight: CPUs without native bf16
+    arithmetic multiply many rows in bf16 several times slower than in fp32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Bf16Linear:
+        return cls(linear.weight, linear.bias).to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if rows.shape[0] <= MATVEC_MAX_ROWS:
+            y = F.linear(rows, self.weight)
+        else:
+            y = F.linear(rows.float(), self.weight.float()).to(torch.bfloat16)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 def apply_weight_format(model: nn.Module, weights: str | None) -> nn.Module:
     """Convert a loaded full-precision model in place for serving; returns it.
 
-    fp32: unchanged (its dtype is the caller's). bf16: every floating tensor in bf16. int8: every nn.Linear
-    becomes an Int8Linear (CPU only: the kernel is a CPU kernel here); a head tied to the embedding gets
-    its own int8 copy and the embedding keeps its full-precision rows for the lookup.
+    fp32: unchanged (its dtype is the caller's). int8 (CPU only: the kernel is a CPU kernel here) and bf16
+    on CPU: every nn.Linear becomes an Int8Linear / Bf16Linear, a head tied to the embedding gets its own
+    copy and the embedding keeps its full-precision rows for the lookup. bf16 on a GPU: the whole model.
     """
     if weights is None:
         return model
     check_weight_format(weights)
-    if weights == "bf16":
-        return model.to(torch.bfloat16)
-    if weights == "int8":
-        device = next(model.parameters()).device
+    device = next(model.parameters()).device
+    if weights == "bf16" and device.type != "cpu":
+        return model.to(torch.bfloat16)  # GPUs multiply in bf16 natively: the whole model in bf16
+    if weights in ("int8", "bf16"):
         if device.type != "cpu":
             raise ValueError(f"weights='int8' runs on CPU only (the model is on {device.type}): use bf16 there.")
         with torch.no_grad():
-            _swap_linears(model)
+            _swap_linears(model, Int8Linear if weights == "int8" else Bf16Linear)
     return model
 
 
-def _swap_linears(module: nn.Module) -> None:
+def _swap_linears(module: nn.Module, cls) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear.from_linear(child))
+            setattr(module, name, cls.from_linear(child))
         else:
-            _swap_linears(child)
+            _swap_linears(child, cls)

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from backends import BackendError, GenerationConfig, create_backend
 from gpt.checkpoint import load_checkpoint
 from gpt.engine import Engine
-from gpt.quantize import INT8_MAX_ROWS, Int8Linear, apply_weight_format, quantize_rows, resolve_weight_format
+from gpt.quantize import (
+    CPU_DEFAULT,
+    MATVEC_MAX_ROWS,
+    Bf16Linear,
+    Int8Linear,
+    apply_weight_format,
+    quantize_rows,
+    resolve_weight_format,
+)
 from gpt.sampling import SamplingParams
 
 GREEDY = GenerationConfig(max_new_tokens=12, temperature=0.0, top_k=None, top_p=1.0, repetition_penalty=1.0)
@@ -23,7 +31,7 @@ def test_per_row_int8_is_within_half_a_step_of_the_weight():
     assert (error <= scale.float()[:, None] / 2 + 1e-7).all()  # every row keeps its own precision
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 32), (3, 5, 32), (2, INT8_MAX_ROWS + 9, 32), (7, 32)])
+@pytest.mark.parametrize("shape", [(1, 1, 32), (3, 5, 32), (2, MATVEC_MAX_ROWS + 9, 32), (7, 32)])
 def test_int8_linear_equals_its_dequantised_weight_for_any_leading_shape(shape):
     g = torch.Generator().manual_seed(1)
     linear = torch.nn.Linear(32, 48)
@@ -43,7 +51,7 @@ def test_int8_linear_equals_its_dequantised_weight_for_any_leading_shape(shape):
 def test_a_long_prompts_products_round_as_the_decoding_kernel_does():
     g = torch.Generator().manual_seed(2)
     q = Int8Linear(torch.randn(64, 32, generator=g) * 0.05, None)
-    x = torch.randn(INT8_MAX_ROWS + 8, 32, generator=g)
+    x = torch.randn(MATVEC_MAX_ROWS + 8, 32, generator=g)
     one_row_at_a_time = torch.cat([q(row[None]) for row in x])  # the int8 kernel
     torch.testing.assert_close(q(x), one_row_at_a_time, atol=0, rtol=2 ** -7)  # one bf16 rounding step apart
 
@@ -63,15 +71,22 @@ def test_int8_model_picks_the_same_greedy_tokens_as_fp32_on_the_tiny_model(tiny_
         assert int8(batch).argmax(-1).tolist() == fp32(batch).argmax(-1).tolist()
 
 
-def test_native_backend_serves_int8_by_default_on_cpu_and_keeps_the_checkpoint_full_precision(tiny_native_ckpt):
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+def test_native_backend_serves_the_format_and_keeps_the_checkpoint_full_precision(tiny_native_ckpt, weights):
     before = (tiny_native_ckpt / "model.safetensors").read_bytes()
-    default = create_backend("native", checkpoint=str(tiny_native_ckpt))
+    served = create_backend("native", checkpoint=str(tiny_native_ckpt), weights=weights)
     fp32 = create_backend("native", checkpoint=str(tiny_native_ckpt), weights="fp32")
-    assert isinstance(default._model().engine.model.lm_head, Int8Linear)
-    assert not isinstance(fp32._model().engine.model.lm_head, Int8Linear)
-    prompt = default.format_chat([{"role": "user", "content": "Hello there! How are you?"}])
-    assert default.generate(prompt, GREEDY) == fp32.generate(prompt, GREEDY)
+    kind = Int8Linear if weights == "int8" else Bf16Linear
+    assert isinstance(served._model().engine.model.lm_head, kind)
+    assert not isinstance(fp32._model().engine.model.lm_head, (Int8Linear, Bf16Linear))
+    prompt = served.format_chat([{"role": "user", "content": "Hello there! How are you?"}])
+    assert served.generate(prompt, GREEDY) == fp32.generate(prompt, GREEDY)
     assert (tiny_native_ckpt / "model.safetensors").read_bytes() == before
+
+
+def test_the_default_native_backend_on_cpu_serves_the_measured_default_format(tiny_native_ckpt):
+    model = create_backend("native", checkpoint=str(tiny_native_ckpt))._model().engine.model
+    assert isinstance(model.lm_head, Int8Linear if CPU_DEFAULT == "int8" else Bf16Linear)
 
 
 def test_a_bad_weights_value_is_one_sentence_that_names_the_formats(tiny_native_ckpt):
@@ -83,9 +98,9 @@ def test_a_bad_weights_value_is_one_sentence_that_names_the_formats(tiny_native_
 
 def test_weight_format_resolution():
     cpu = torch.device("cpu")
-    assert resolve_weight_format("auto", cpu, None) == ("int8", torch.float32)
+    assert resolve_weight_format("auto", cpu, None) == (CPU_DEFAULT, torch.float32)
     assert resolve_weight_format(None, cpu, "bf16") == (None, torch.bfloat16)  # a dtype alone keeps its meaning
-    assert resolve_weight_format("bf16", cpu, None) == ("bf16", torch.bfloat16)
+    assert resolve_weight_format("bf16", cpu, None) == ("bf16", torch.float32)  # bf16 weights, fp32 elsewhere
     assert resolve_weight_format("fp32", cpu, "fp32") == ("fp32", torch.float32)
     with pytest.raises(ValueError, match="CPU only"):
         resolve_weight_format("int8", torch.device("meta"), None)
