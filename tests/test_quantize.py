@@ -48,9 +48,10 @@ def test_int8_linear_equals_its_dequantised_weight_for_any_leading_shape(shape):
     assert (out - F.linear(x, linear.weight, linear.bias)).abs().max() < 0.05 * reference.abs().max()
 
 
-def test_a_long_prompts_products_round_as_the_decoding_kernel_does():
+@pytest.mark.parametrize("cls", [Int8Linear, Bf16Linear])
+def test_a_long_prompts_products_round_as_the_decoding_kernel_does(cls):
     g = torch.Generator().manual_seed(2)
-    q = Int8Linear(torch.randn(64, 32, generator=g) * 0.05, None)
+    q = cls(torch.randn(64, 32, generator=g) * 0.05, None)
     x = torch.randn(MATVEC_MAX_ROWS + 8, 32, generator=g)
     one_row_at_a_time = torch.cat([q(row[None]) for row in x])  # the int8 kernel
     torch.testing.assert_close(q(x), one_row_at_a_time, atol=0, rtol=2 ** -7)  # one bf16 rounding step apart
