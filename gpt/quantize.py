@@ -3,7 +3,7 @@
     model, tokenizer, meta = load_checkpoint(path)       # full precision, as trained and saved
     apply_weight_format(model, "int8")                   # in place: every nn.Linear (the head too) -> Int8Linear
     check_weight_format("int4")                          # ValueError that names the formats
-    fmt, dtype = resolve_weight_format("auto", torch.device("cpu"), None)   # ("bf16", torch.float32)
+    fmt, dtype = resolve_weight_format("auto", torch.device("cpu"), None)   # (CPU_DEFAULT, torch.float32)
 
 Checkpoints stay full precision (fine-tuning trains those); a model is quantised when it is loaded for
 serving, so a fine-tuned checkpoint is served in the same format as the bundled one.
@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from gpt.device import pick_dtype
 
 WEIGHT_FORMATS = ("int8", "bf16", "fp32")
-# What `auto` serves on CPU: the fastest format that keeps fp32's answers. int8 is faster but flips one
-# of the 12 quality questions of training/quality.py on SmolLM2 (docs/benchmarks.md); bf16 keeps all 12.
-CPU_DEFAULT = "bf16"
+# What `auto` serves on CPU (docs/benchmarks.md, 2026-11-22): int8 flips one of the 12 quality questions of
+# training/quality.py on SmolLM2, so it is opt-in. bf16 keeps all 12 and its products are 2.3x faster on a
+# quiet 2-core box, but on the busy box its 2-thread kernels stall at thread barriers and end to end it
+# was slower than fp32 (0.82x transformers); until a quiet side-by-side run shows it faster, fp32 stays.
+CPU_DEFAULT = "fp32"
 MATVEC_MAX_ROWS = 16  # products with more rows upcast the weight and run fp32 GEMM (faster there, see above)
 
 
@@ -47,7 +49,7 @@ def resolve_weight_format(weights: str | None, device: torch.device,
                           dtype: str | torch.dtype | None) -> tuple[str | None, torch.dtype]:
     """(format to apply after loading, dtype to load the checkpoint in) for a `weights` option and a `dtype`.
 
-    `auto` (or None) is CPU_DEFAULT on CPU when no dtype is asked for (the fastest at fp32's quality:
+    `auto` (or None) is CPU_DEFAULT on CPU when no dtype is asked for (measured: see its comment and
     docs/benchmarks.md) and otherwise the dtype's own weights (format None: load in `dtype`, nothing more).
     A dtype that contradicts the format is a ValueError.
     """
