@@ -3,6 +3,7 @@
     from backends import create_backend, GenerationConfig
     backend = create_backend("native")                                # newest checkpoint under models/native/
     backend = create_backend("native", checkpoint="models/native/my-run", device="cpu", dtype="fp32")
+    backend = create_backend("native", weights="int8")                # int8 / bf16 / fp32 weights (gpt/quantize.py)
     prompt = backend.format_chat([{"role": "user", "content": "Hi"}])
     print(backend.generate(prompt, GenerationConfig(temperature=0)))
 
@@ -22,8 +23,9 @@ from backends.base import BackendError, LazyModelBackend
 from backends.reply import ReplyStream, as_generation_config, check_prompt_fits, emit_until_stop
 from gpt.chat_format import ChatFormat
 from gpt.checkpoint import CheckpointError, load_checkpoint, native_models_dir, resolve_checkpoint
-from gpt.device import pick_device, pick_dtype
+from gpt.device import pick_device
 from gpt.engine import Engine
+from gpt.quantize import apply_weight_format, resolve_weight_format
 from gpt.sampling import SamplingParams
 from gpt.scheduler import default_capacity
 from gpt.tokenizer import IncrementalDecoder, Tokenizer
@@ -54,11 +56,16 @@ def _checkpoint_spec(checkpoint) -> str:
 
 class NativeBackend(LazyModelBackend):
     def __init__(self, checkpoint: str = "latest", device: str | None = None, dtype: str | None = None,
-                 name: str = "native"):
+                 weights: str = "auto", name: str = "native"):
         self.name = name
         self.checkpoint = _checkpoint_spec(checkpoint)
         self.device = device
         self.dtype = dtype
+        try:
+            resolve_weight_format(weights, pick_device(device), dtype)  # a bad value fails now, not at load
+        except ValueError as e:
+            raise BackendError(f"{e} Fix it in configs/app.toml or the --weights / --dtype flags.") from None
+        self.weights = weights
         super().__init__()
         self._resolve()  # fail now, with what to do, rather than at the first message
 
@@ -71,10 +78,12 @@ class NativeBackend(LazyModelBackend):
     def _load(self) -> _Loaded:
         path = self._resolve()
         device = pick_device(self.device)
+        weights, dtype = resolve_weight_format(self.weights, device, self.dtype)
         try:
-            model, tokenizer, meta = load_checkpoint(path, device=device, dtype=pick_dtype(self.dtype, device))
+            model, tokenizer, meta = load_checkpoint(path, device=device, dtype=dtype)
         except CheckpointError as e:
             raise BackendError(str(e)) from None
+        apply_weight_format(model, weights)  # checkpoints stay full precision; serving quantises at load
         return _Loaded(Engine(model), tokenizer, ChatFormat.for_tokenizer(tokenizer), path, meta)
 
     def reload(self) -> Path:

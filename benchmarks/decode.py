@@ -4,13 +4,20 @@
     python -m benchmarks.decode --dtype bf16                     # the bf16 path on CPU
     python -m benchmarks.decode --device cuda --dtype bf16 --json
     python -m benchmarks.decode --model smollm2                  # the converted bundled SmolLM2 vs transformers
+    python -m benchmarks.decode --model smollm2 --weights int8   # native int8 / bf16 / fp32 weights vs transformers fp32
 
 Both backends run in one process, alternating (the order flips every repeat), batch 1, greedy, with no
 stop token on either side, so both always generate exactly `--new-tokens` ids. Per backend it prints decode
 tokens/s (after the first token), time to first token (prefill + first pick), peak memory the run adds
 (RSS on CPU, the CUDA allocator's peak on GPU), and each as a share of the memory-bandwidth roofline:
 measured copy bandwidth / weight bytes = tokens/s if each token had to read every weight once and nothing
-else. `--json` makes the last line one JSON object. transformers runs with its default (dynamic) cache; on
+else. Prefill speed is the prompt's tokens over the time to first token.
+
+`--weights` picks the native engine's weight format (gpt/quantize.py; default `auto`, what the native
+backend serves: int8 on CPU unless `--dtype` is given); transformers stays in `--dtype` (fp32 on CPU).
+`ppl_ratio` is the native model's perplexity in that format over its own fp32 perplexity on a fixed
+shipped text (benchmarks/data/ppl_text.txt, windows of 512 tokens; int8's long products round as its
+decoding kernel does, so this is the arithmetic decoding uses). `--json` makes the last line one JSON object. transformers runs with its default (dynamic) cache; on
 CUDA also with its static cache, which `generate` compiles with torch.compile.
 """
 
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,9 +37,13 @@ from benchmarks.measure import PeakMemory, copy_bandwidth, hardware_name, median
 from gpt.device import pick_device, pick_dtype
 from gpt.engine import Engine
 from gpt.model import GPT, GPTConfig
+from gpt.quantize import apply_weight_format, resolve_weight_format
 from gpt.sampling import SamplingParams
 
 SMOLLM2_CHECKPOINT = Path("models/native/smollm2-135m-instruct")
+PPL_TEXT = Path(__file__).parent / "data" / "ppl_text.txt"
+PPL_WINDOW = 512
+FORMAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SHAPE_124M = dict(n_layer=12, n_head=12, n_embd=768)
 
 
@@ -68,24 +80,59 @@ class Series:
 
 
 def build_models(name: str, device: torch.device, dtype: torch.dtype, seed: int, shape: dict | None = None):
-    """(native GPT, transformers model) holding the same weights, both in eval mode on `device`."""
+    """(native GPT, transformers model, tokenizer or None) holding the same weights, in eval mode on `device`."""
     if name == "gpt2-124m":
         from gpt.convert import gpt2_to_hf_model
 
         torch.manual_seed(seed)
         native = GPT(GPTConfig(**(shape or {})))  # GPT-2-124M shape, GPT-2's init: random, realistic magnitudes
         hf = gpt2_to_hf_model(native)
+        tokenizer = None
     else:
         from gpt.checkpoint import load_checkpoint
         from gpt.convert_llama import llama_to_hf_model
 
         if not (SMOLLM2_CHECKPOINT / "model.safetensors").is_file():
             raise SystemExit(f"error: {SMOLLM2_CHECKPOINT} is missing; run `make setup` to convert the bundled SmolLM2.")
-        native, _, _ = load_checkpoint(str(SMOLLM2_CHECKPOINT))
+        native, tokenizer, _ = load_checkpoint(str(SMOLLM2_CHECKPOINT))
         hf = llama_to_hf_model(native)
     native = native.to(device=device, dtype=dtype).eval()
     hf = hf.to(device=device, dtype=dtype).eval()
-    return native, hf
+    return native, hf, tokenizer
+
+
+def ppl_ids(tokenizer) -> list[int]:
+    """The shipped text's ids (GPT-2's BPE for the random GPT-2 shape: perplexity is still comparable)."""
+    if tokenizer is None:
+        from gpt.tokenizer import GPT2Tokenizer
+
+        tokenizer = GPT2Tokenizer()
+    return tokenizer.encode(PPL_TEXT.read_text(encoding="utf-8"))
+
+
+@torch.inference_mode()
+def perplexity(model: GPT, ids: list[int], window: int = PPL_WINDOW) -> float:
+    """exp(mean next-token cross-entropy) over `ids`, scored in consecutive windows of `window` tokens."""
+    device = model.transformer.wte.weight.device
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[start:start + window + 1]], device=device)
+        if chunk.shape[1] < 2:
+            break
+        _, loss = model(chunk[:, :-1], targets=chunk[:, 1:])
+        total += loss.item() * (chunk.shape[1] - 1)
+        count += chunk.shape[1] - 1
+    return math.exp(total / count)
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids two greedy runs share (where int8 or bf16 first picks another token)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def prompt_ids(vocab_size: int, n: int, seed: int) -> list[int]:
@@ -144,6 +191,10 @@ def parse_args(argv):
                    help="gpt2-124m: seeded random GPT-2-124M-shaped weights; smollm2: the converted bundled model")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the best available)")
     p.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16; auto: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--weights", default="auto", choices=("auto", "int8", "bf16", "fp32"),
+                   help="native weight format (transformers stays in --dtype); auto: int8 on CPU unless --dtype "
+                        "is given, else --dtype's own")
+    p.add_argument("--no-ppl", action="store_true", help="skip the perplexity comparison (ppl_ratio)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to generate per run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per backend (alternating); medians reported")
@@ -167,15 +218,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
+        weights, native_dtype = resolve_weight_format(args.weights, device, args.dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    native, hf = build_models(args.model, device, dtype, args.seed, shape)
+    native, hf, tokenizer = build_models(args.model, device, dtype, args.seed, shape)
     context = native.config.block_size
     if args.prompt_tokens + args.new_tokens > context:
         print(f"error: --prompt-tokens + --new-tokens must fit the context of {context} tokens", file=sys.stderr)
         return 2
+    ppl = {}
+    if not args.no_ppl:
+        text_ids = ppl_ids(tokenizer)
+        ppl["fp32"] = perplexity(native.float(), text_ids)
+    native = apply_weight_format(native.to(native_dtype), weights)
+    if not args.no_ppl:
+        ppl["native"] = perplexity(native, text_ids)
     engine = Engine(native, graphs=not args.no_fast and device.type == "cuda")
     prompt = prompt_ids(native.config.vocab_size, args.prompt_tokens, args.seed)
 
@@ -199,18 +258,23 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": args.model if args.model != "gpt2-124m" or shape == SHAPE_124M else f"gpt2-{args.n_layer}x{args.n_embd}",
         "device": device.type, "hardware": hardware_name(device),
-        "dtype": str(dtype).replace("torch.", ""), "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "native_fast_path": engine.scheduler.graphs,
-        "torch": torch.__version__,
+        "dtype": str(dtype).replace("torch.", ""), "weights": weights or FORMAT_NAMES[native_dtype],
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "native_fast_path": engine.scheduler.graphs, "torch": torch.__version__,
         "copy_gb_s": bandwidth / 1e9, "weight_mb": wbytes / 2**20, "roofline_tok_s": roofline,
     }
     for name, s in series.items():
         result[f"{name}_tok_s"] = s.tok_s
         result[f"{name}_ttft_s"] = s.ttft_s
+        result[f"{name}_prefill_tok_s"] = args.prompt_tokens / s.ttft_s
         result[f"{name}_peak_mb"] = s.peak_mb
         result[f"{name}_roofline_pct"] = 100 * s.tok_s / roofline
     result["ratio"] = series["native"].tok_s / series["hf"].tok_s
     result["identical"] = series["native"].ids == series["hf"].ids
+    result["matching_prefix"] = matching_prefix(series["native"].ids, series["hf"].ids)
+    if ppl:
+        result.update(ppl_fp32=ppl["fp32"], ppl=ppl["native"], ppl_ratio=ppl["native"] / ppl["fp32"],
+                      ppl_tokens=len(text_ids))
     result["native_deterministic"] = all(r.ids == series["native"].ids for r in series["native"].runs)
     if "hf_static" in series:
         result["ratio_vs_hf_static"] = series["native"].tok_s / series["hf_static"].tok_s
@@ -222,20 +286,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_report(result: dict, series: dict[str, Series]) -> None:
-    print(f"{result['model']} on {result['hardware']} ({result['device']}, {result['dtype']}), "
+    print(f"{result['model']} on {result['hardware']} ({result['device']}, transformers {result['dtype']}, "
+          f"native {result['weights']} weights), "
           f"{result['prompt_tokens']}-token prompt + {result['new_tokens']} greedy tokens, batch 1, "
           f"median of {result['repeats']}")
     print(f"roofline: {result['copy_gb_s']:.1f} GB/s copy / {result['weight_mb']:.0f} MiB weights "
           f"= {result['roofline_tok_s']:.0f} tok/s")
-    print(f"{'backend':<10} {'decode tok/s':>12} {'% roofline':>10} {'TTFT s':>8} {'peak MiB':>9}")
+    print(f"{'backend':<10} {'decode tok/s':>12} {'% roofline':>10} {'TTFT s':>8} {'prefill tok/s':>13} "
+          f"{'peak MiB':>9}")
     for name, s in series.items():
         print(f"{name:<10} {s.tok_s:>12.1f} {result[f'{name}_roofline_pct']:>10.1f} {s.ttft_s:>8.3f} "
-              f"{s.peak_mb:>9.1f}")
-    line = f"native/hf: {result['ratio']:.2f}x   identical ids: {result['identical']}"
+              f"{result[f'{name}_prefill_tok_s']:>13.0f} {s.peak_mb:>9.1f}")
+    line = (f"native/hf: {result['ratio']:.2f}x   identical ids: {result['identical']} "
+            f"(first {result['matching_prefix']} of {result['new_tokens']} equal)")
     if "ratio_vs_hf_static" in result:
         line += (f"   native/hf_static: {result['ratio_vs_hf_static']:.2f}x   "
                  f"identical to hf_static: {result['identical_hf_static']}")
     print(line)
+    if "ppl_ratio" in result:
+        print(f"perplexity on {result['ppl_tokens']} tokens of {PPL_TEXT.name}: native fp32 {result['ppl_fp32']:.3f}, "
+              f"{result['weights']} {result['ppl']:.3f}, ratio {result['ppl_ratio']:.4f}")
 
 
 if __name__ == "__main__":

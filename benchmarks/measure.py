@@ -41,13 +41,18 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's distinct parameters (a tied embedding and head count once)."""
+    """Bytes of weights one batch-1 decoding step reads: the distinct parameters and buffers (int8 weights
+    and their scales are buffers; a tied embedding and head count once). An embedding table that is not
+    also a head is only looked up, one row per token, so it does not count."""
+    looked_up = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    read = {id(t) for m in model.modules() if not isinstance(m, torch.nn.Embedding)
+            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in seen and (id(t) in read or id(t) not in looked_up):
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
     return total
 
 

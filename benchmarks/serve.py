@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    native, hf = build_models("smollm2" if args.model == "smollm2" else "gpt2-124m", device, dtype, args.seed, shape)
+    native, hf, _ = build_models("smollm2" if args.model == "smollm2" else "gpt2-124m", device, dtype, args.seed, shape)
     if args.prompt_tokens + args.new_tokens > native.config.block_size:
         print(f"error: --prompt-tokens + --new-tokens must fit the context of {native.config.block_size} tokens",
               file=sys.stderr)

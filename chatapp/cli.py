@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="app config TOML (default: $NANOGPT_CHAT_CONFIG or configs/app.toml)")
     parser.add_argument("--history", help="chat log to append to (default: [app] history)")
     parser.add_argument("--checkpoint", help="native checkpoint directory (or `latest`) for a native backend")
+    parser.add_argument("--weights", choices=("auto", "int8", "bf16", "fp32"),
+                        help="a native backend's weight format (default: the config's; auto = int8 on CPU)")
     parser.add_argument("--system", help="system prompt (default: [app] system_prompt)")
     return parser
 
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         app = config.get("app", {})
         key = args.backend or app.get("default_backend") or "smollm2"
         options = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+        if args.weights:
+            options["weights"] = args.weights
         backend = create_backend(key, config, **options)
         cfg = generation_defaults(config, key)
         log = ChatLog(args.history or app.get("history") or "chat_history.jsonl")

@@ -102,6 +102,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 == self.weight.dtype:  # the same arithmetic in one op (a decode step's hot path)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -140,13 +142,13 @@ class CausalSelfAttention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         hd = cfg.head_dim
-        q, k, v = self.c_attn(x).split([cfg.n_head * hd, cfg.n_kv_head * hd, cfg.n_kv_head * hd], dim=2)
-        q = q.view(B, T, cfg.n_head, hd).transpose(1, 2)
-        k = k.view(B, T, cfg.n_kv_head, hd).transpose(1, 2)
-        v = v.view(B, T, cfg.n_kv_head, hd).transpose(1, 2)
-        if rope is not None:
+        nq, nqk = cfg.n_head, cfg.n_head + cfg.n_kv_head
+        qkv = self.c_attn(x).view(B, T, nqk + cfg.n_kv_head, hd)
+        qk = qkv[:, :, :nqk]
+        if rope is not None:  # q and k heads are adjacent: one rotation for both
             cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        q, k, v = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2), qkv[:, :, nqk:].transpose(1, 2)
         mask, causal = None, True
         if cache is not None:  # a KVCache, or the scheduler's per-row slots (gpt/slots.py)
             k, v, mask, causal = cache.update(self.layer, k, v)
@@ -252,8 +254,7 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         else:
             cos, sin = self._rope(0, self.config.block_size, idx.device)
-            cos, sin = cos[pos], sin[pos]
-            rope = (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))  # (B, 1, T, hd)
+            rope = cos[pos], sin[pos]  # (T, hd), or (B, T, hd) where each row has its own positions
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, cache)

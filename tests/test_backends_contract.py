@@ -292,7 +292,9 @@ def test_smollm2_answers_paris_offline():
 
 @pytest.fixture(scope="module")
 def twins(tiny_gpt2_hf_dir, tiny_native_ckpt):
-    return create_backend("native", checkpoint=str(tiny_native_ckpt)), create_backend("hf", model=str(tiny_gpt2_hf_dir))
+    # Identical weights means the same format too: fp32 on both sides (int8 is pinned in tests/test_quantize.py).
+    return (create_backend("native", checkpoint=str(tiny_native_ckpt), weights="fp32"),
+            create_backend("hf", model=str(tiny_gpt2_hf_dir)))
 
 
 @pytest.mark.parametrize("penalty", [1.1, 1.0])

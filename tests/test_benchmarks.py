@@ -22,7 +22,7 @@ def last_json_line(capsys) -> dict:
 
 
 def test_decode_benchmark_json_has_the_agreed_keys_and_identical_ids(capsys):
-    assert decode.main(TINY_DECODE) == 0
+    assert decode.main(TINY_DECODE + ["--no-ppl"]) == 0
     result = last_json_line(capsys)
     for key in ("native_tok_s", "hf_tok_s", "ratio", "identical", "native_ttft_s", "hf_ttft_s", "roofline_tok_s",
                 "native_peak_mb", "hf_peak_mb", "native_roofline_pct", "hf_roofline_pct"):
@@ -36,8 +36,19 @@ def test_decode_benchmark_json_has_the_agreed_keys_and_identical_ids(capsys):
     assert "hf_static_tok_s" not in result  # transformers' static cache + compile is a CUDA-only comparison
 
 
+def test_decode_benchmark_reports_the_weight_format_its_perplexity_ratio_and_prefill_speed(capsys):
+    assert decode.main(TINY_DECODE + ["--weights", "int8"]) == 0
+    result = last_json_line(capsys)
+    assert result["weights"] == "int8" and result["dtype"] == "float32"  # transformers stays the fp32 reference
+    assert result["ppl_tokens"] > 2000  # the shipped text, tokenised
+    assert result["ppl_ratio"] == pytest.approx(result["ppl"] / result["ppl_fp32"])
+    assert 0.98 < result["ppl_ratio"] < 1.02
+    assert result["native_prefill_tok_s"] == pytest.approx(result["prompt_tokens"] / result["native_ttft_s"])
+    assert 0 <= result["matching_prefix"] <= result["new_tokens"]
+
+
 def test_decode_benchmark_generates_every_requested_token_on_both_sides():
-    native, hf = decode.build_models("gpt2-124m", decode.pick_device("cpu"), decode.torch.float32, 7,
+    native, hf, _ = decode.build_models("gpt2-124m", decode.pick_device("cpu"), decode.torch.float32, 7,
                                      dict(n_layer=1, n_head=2, n_embd=32))
     prompt = decode.prompt_ids(native.config.vocab_size, 10, 7)
     from gpt.engine import Engine

@@ -1,0 +1,175 @@
+"""Weight formats for serving a native model: int8 (weight-only, per-output-channel scales), bf16, fp32.
+
+    model, tokenizer, meta = load_checkpoint(path)       # full precision, as trained and saved
+    apply_weight_format(model, "int8")                   # in place: every nn.Linear (the head too) -> Int8Linear
+    check_weight_format("int4")                          # ValueError that names the formats
+    fmt, dtype = resolve_weight_format("auto", torch.device("cpu"), None)   # (CPU_DEFAULT, torch.float32)
+
+Checkpoints stay full precision (fine-tuning trains those); a model is quantised when it is loaded for
+serving, so a fine-tuned checkpoint is served in the same format as the bundled one.
+
+Why int8 this way (measured on the 2-core CPU, docs/benchmarks.md): batch-1 decoding streams every weight
+once per token, so a quarter of fp32's bytes is most of the win. `torch.ops.aten._weight_int8pack_mm`
+(PyTorch's own weight-only int8 kernel, the route torchchat uses) multiplies bf16 activations by int8
+weights with per-row scales; activations stay unquantised, so only the weights lose precision. It is a
+matrix-vector kernel: beyond `MATVEC_MAX_ROWS` rows (a prompt's prefill) fp32 GEMM is faster on CPUs
+without native bf16 arithmetic, so those products dequantise the weight and run fp32 GEMM, rounding
+activations and outputs to bf16 as the kernel does: a prompt's prefill computes what decoding computes.
+`bf16` on CPU stores the products' weights in bf16 the same way (Bf16Linear). The rest of the model
+(norms, attention, KV cache, residual stream, embedding lookup) stays in the model's dtype (fp32 on CPU); the tied head gets its own int8 copy, the embedding table keeps its rows
+for the lookup, which reads one row per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.device import pick_dtype
+
+WEIGHT_FORMATS = ("int8", "bf16", "fp32")
+# What `auto` serves on CPU (docs/benchmarks.md, 2026-11-22): int8 flips one of the 12 quality questions of
+# training/quality.py on SmolLM2, so it is opt-in. bf16 keeps all 12 and its products are 2.3x faster on a
+# quiet 2-core box, but on the busy box its 2-thread kernels stall at thread barriers and end to end it
+# was slower than fp32 (0.82x transformers); until a quiet side-by-side run shows it faster, fp32 stays.
+CPU_DEFAULT = "fp32"
+MATVEC_MAX_ROWS = 16  # products with more rows upcast the weight and run fp32 GEMM (faster there, see above)
+
+
+def check_weight_format(weights: str, allow_auto: bool = False) -> str:
+    allowed = ("auto", *WEIGHT_FORMATS) if allow_auto else WEIGHT_FORMATS
+    if weights not in allowed:
+        raise ValueError(f"weights must be one of {', '.join(allowed)} (got {weights!r}): "
+                         f"int8 is the fastest on CPU, fp32 the reference.")
+    return weights
+
+
+def resolve_weight_format(weights: str | None, device: torch.device,
+                          dtype: str | torch.dtype | None) -> tuple[str | None, torch.dtype]:
+    """(format to apply after loading, dtype to load the checkpoint in) for a `weights` option and a `dtype`.
+
+    `auto` (or None) is CPU_DEFAULT on CPU when no dtype is asked for (measured: see its comment and
+    docs/benchmarks.md) and otherwise the dtype's own weights (format None: load in `dtype`, nothing more).
+    A dtype that contradicts the format is a ValueError.
+    """
+    weights = check_weight_format(weights or "auto", allow_auto=True)
+    asked = dtype not in (None, "", "auto")
+    if weights == "auto":
+        if device.type == "cpu" and not asked:
+            weights = CPU_DEFAULT
+        else:
+            return None, pick_dtype(dtype, device)
+    load_dtype = torch.bfloat16 if weights == "bf16" and device.type != "cpu" else torch.float32
+    if asked and pick_dtype(dtype, device) != load_dtype:
+        raise ValueError(f"weights={weights!r} computes in {str(load_dtype).replace('torch.', '')}, "
+                         f"but dtype={dtype!r} was asked for: set only one of them.")
+    if weights == "int8" and device.type != "cpu":
+        raise ValueError(f"weights='int8' runs on CPU only (asked for {device.type}): use bf16 there.")
+    return weights, load_dtype
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 (N, K), scale bf16 (N,)) with q * scale ≈ weight.
+
+    The scale is rounded to bf16 (what the kernel takes) before quantising, so q * scale is exactly the
+    weight the kernel multiplies by.
+    """
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """An nn.Linear with int8 weights; input (..., K) in any leading shape, output in the input's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        q, scale = quantize_rows(weight)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(linear.weight, linear.bias).to(linear.weight.device)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= MATVEC_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        else:  # the kernel's rounding (bf16 activations and output), through fp32 GEMM: prefill = decode
+            y = F.linear(rows.to(torch.bfloat16).float(), self.dequantized()).to(torch.bfloat16).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Bf16Linear(nn.Module):
+    """An nn.Linear with bf16 weights in an fp32 model: products take bf16-rounded activations and round
+    their output to bf16 (what a bf16 model's products compute) while norms, attention and the residual
+    stream stay fp32. Long inputs (a prompt) run fp32 GEMM on the upcast weight: CPUs without native bf16
+    arithmetic multiply many rows in bf16 several times slower than in fp32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Bf16Linear:
+        return cls(linear.weight, linear.bias).to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if rows.shape[0] <= MATVEC_MAX_ROWS:
+            y = F.linear(rows, self.weight)
+        else:
+            y = F.linear(rows.float(), self.weight.float()).to(torch.bfloat16)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def apply_weight_format(model: nn.Module, weights: str | None) -> nn.Module:
+    """Convert a loaded full-precision model in place for serving; returns it.
+
+    fp32: unchanged (its dtype is the caller's). int8 (CPU only: the kernel is a CPU kernel here) and bf16
+    on CPU: every nn.Linear becomes an Int8Linear / Bf16Linear, a head tied to the embedding gets its own
+    copy and the embedding keeps its full-precision rows for the lookup. bf16 on a GPU: the whole model.
+    """
+    if weights is None:
+        return model
+    check_weight_format(weights)
+    device = next(model.parameters()).device
+    if weights == "bf16" and device.type != "cpu":
+        return model.to(torch.bfloat16)  # GPUs multiply in bf16 natively: the whole model in bf16
+    if weights in ("int8", "bf16"):
+        if device.type != "cpu":
+            raise ValueError(f"weights='int8' runs on CPU only (the model is on {device.type}): use bf16 there.")
+        with torch.no_grad():
+            _swap_linears(model, Int8Linear if weights == "int8" else Bf16Linear)
+    return model
+
+
+def _swap_linears(module: nn.Module, cls) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, cls.from_linear(child))
+        else:
+            _swap_linears(child, cls)
