@@ -249,6 +249,30 @@ def test_ctrl_c_keeps_the_best_so_far_and_resume_continues(tiny_base, log, tmp_p
     assert iters[0] == 0 and iters[-1] == stopped_at + 7 and iters == sorted(set(iters))
 
 
+def status_step(path: Path) -> int:
+    try:
+        return json.loads(path.read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def test_a_lora_run_writes_its_best_once_at_the_end_and_ctrl_c_still_keeps_it(tiny_base, log, tmp_path):
+    out, status = tmp_path / "out", tmp_path / "status.json"
+    proc = subprocess.Popen([sys.executable, "-m", "training.finetune", "--history", str(log), "--base",
+                             str(tiny_base), "--out", str(out), *FAST, "--lora-rank", "4", "--max-iters", "100000",
+                             "--eval-interval", "5", "--patience", "0", "--no-report", "--status", str(status)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: status_step(status) >= 12, proc)
+    assert not out.exists()  # the best adapters are kept in memory while training, not written each time
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stopped"] == "interrupted" and meta["iterations"] >= 12 and meta["best_iter"] >= 0
+    model, _, _ = load_checkpoint(out)  # an ordinary (merged) checkpoint
+    assert (work_dir_for(out) / "state.pt").is_file()  # --resume can continue it
+
+
 def test_a_hugging_face_gpt2_directory_works_as_base(tiny_gpt2_hf_dir, log, tmp_path):
     out = tmp_path / "out"
     assert main(["--history", str(log), "--base", str(tiny_gpt2_hf_dir), "--out", str(out), *FAST,
