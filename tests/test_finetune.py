@@ -350,8 +350,9 @@ def test_with_no_flags_the_settings_come_from_the_data_in_one_printed_line(tiny_
     meta = json.loads((out / "meta.json").read_text())
     cfg, data = meta["config"], json.loads((work_dir_for(out) / "data" / "manifest.json").read_text())["splits"]
     longest = max(data["train"]["longest"], data["val"]["longest"])
-    assert longest <= cfg["block_size"] < longest + 8  # rows sized to the examples, not 512
-    assert data["train"]["examples"] == len(data["train"]["conversations"])  # one example per conversation
+    assert longest <= cfg["block_size"] < 2 * longest + 8  # rows sized to (two of) the examples, not 512
+    # one example per conversation, plus each edited question asked afresh
+    assert data["train"]["examples"] == len(data["train"]["conversations"]) + data["train"]["taught_probes"]
     evals = [h["iter"] for h in meta["history"]]
     assert evals == list(range(0, meta["iterations"] + 1, cfg["eval_interval"]))[:len(evals)]
     assert cfg["max_iters"] == round(cfg["epochs"] * cfg["eval_interval"])  # epochs, one evaluation each

@@ -29,7 +29,8 @@ LR_LORA = 1e-3
 LR_FULL = 2e-5
 MIN_LR_RATIO = 0.1
 EPOCHS = 8
-ROWS_PER_BATCH = {"cpu": 4, "cuda": 8}
+ROWS_PER_BATCH = {"cpu": 2, "cuda": 8}
+EXAMPLES_PER_ROW = 2  # rows fit two of the longest examples: short ones pack together, far less padding
 PATIENCE = 2  # evaluations (epochs) without a val-loss improvement
 BLOCK_ROUND = 8  # row length rounded up to a multiple of this (kinder to matmul kernels)
 
@@ -42,8 +43,9 @@ def resolve_block_and_batch(cfg: TrainConfig, device: torch.device, longest: int
     """Fill block_size and batch_size (the data batches are built from them); returns the names chosen."""
     chosen = []
     if is_auto(cfg, "block_size"):
-        # A row holds one example (the longest whole) plus the one-token shift of the targets.
-        cfg.block_size = min(context, BLOCK_ROUND * math.ceil(max(longest, 2) / BLOCK_ROUND))
+        # A row holds two of the longest examples (more of the shorter ones, packed one after another); rows
+        # of one longest example left a third of every row as padding on a 35-exchange log.
+        cfg.block_size = min(context, BLOCK_ROUND * math.ceil(max(EXAMPLES_PER_ROW * longest, 2) / BLOCK_ROUND))
         chosen.append("block_size")
     if is_auto(cfg, "batch_size"):
         cfg.batch_size = ROWS_PER_BATCH.get(device.type, 8)
@@ -81,6 +83,7 @@ def describe(cfg: TrainConfig, device: torch.device, steps_per_epoch: int, chose
         return text + ("*" if name in chosen else "")
 
     method = (mark("lora_rank", f"LoRA rank {cfg.lora_rank}") + mark("lora_alpha", f" alpha {cfg.lora_alpha:g}")
+              + f" on {'attention and MLP' if cfg.lora_targets == 'all' else cfg.lora_targets}"
               if cfg.lora_rank else mark("lora_rank", "full fine-tuning"))
     epochs = cfg.max_iters / steps_per_epoch
     stop = (mark("patience", f"stop after {cfg.patience} evaluations without improvement") if cfg.patience

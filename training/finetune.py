@@ -198,7 +198,7 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
         system_prompt = usual_system_prompt(selections)
         before = retention(model.to(device), tokenizer, system_prompt=system_prompt)
     if cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = f"LoRA rank {cfg.lora_rank}, {trainable / 1e6:.2f}M trainable" if cfg.lora_rank else "full fine-tuning"
     say(dist, f"base {base_source}: {n_params / 1e6:.1f}M parameters ({what}); training on {device} "
