@@ -8,7 +8,7 @@ A chat log is small: a few dozen exchanges, a thousand or two tokens. So the run
 it, rows fit two of the longest examples (short ones pack together; not a fixed 512), the whole val split is
 evaluated once per epoch (one forward pass: the train loss is the mean of the epoch's steps), and early
 stopping ends the run when the val loss stops improving. On a CPU the weights stay frozen and LoRA adapters
-(configs/finetune.toml: on the attention matrices) learn the edits, a third of full fine-tuning's work per
+(configs/finetune.toml: on the attention and MLP matrices) learn the edits, a third of full fine-tuning's work per
 token and far less memory; on a GPU full fine-tuning is cheap, so it is used there. The numbers below were
 chosen by measuring variants on the bundled SmolLM2-135M-Instruct and a 35-exchange log
 (`python -m benchmarks.finetune_loop`, docs/benchmarks.md, "The learning loop"): none of the measured
