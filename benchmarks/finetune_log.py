@@ -12,6 +12,7 @@ plain replies as the bundled model gives them (no feedback), two of them dislike
 from __future__ import annotations
 
 import json
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,13 @@ PLAIN: tuple[tuple[str, str], ...] = (
 DISLIKED = {"Tell me a joke.", "What is the meaning of life?"}
 
 
+def app_system_prompt() -> str | None:
+    """The system prompt the app sends by default (configs/app.toml), which it writes into every log line."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "app.toml"
+    with open(config, "rb") as f:
+        return tomllib.load(f).get("app", {}).get("system_prompt") or None
+
+
 def benchmark_records() -> list[dict]:
     """Exchanges and feedback lines in the app's log format: 12 conversations of two to four exchanges."""
     taught = [(f.question, f.wrong, "edit", f.taught) for f in FACTS]
@@ -95,13 +103,14 @@ def benchmark_records() -> list[dict]:
             if group:
                 pool.append(group.pop(0))
     records, sizes, at = [], [3, 3, 2, 4, 3, 3, 2, 3, 4, 3, 3, 2], 0
+    system_prompt = app_system_prompt()
     for c, size in enumerate(sizes):
         cid = f"bench-{c:02d}"
         for turn, (question, reply, feedback, edited) in enumerate(pool[at:at + size]):
             stamp = f"2026-11-{10 + c % 9:02d}T1{turn}:00:00"
             records.append({"timestamp": stamp, "user": question, "assistant": reply, "conversation_id": cid,
                             "turn": turn, "backend": "smollm2", "model": "SmolLM2-135M-Instruct",
-                            "system_prompt": None, "config": {"temperature": 0.7}})
+                            "system_prompt": system_prompt, "config": {"temperature": 0.7}})
             if feedback:
                 records.append({"type": "feedback", "conversation_id": cid, "turn": turn, "timestamp": stamp,
                                 "rating": "like" if feedback == "edit" else feedback, "edited": edited})

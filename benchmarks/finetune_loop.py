@@ -31,7 +31,7 @@ from benchmarks.finetune_log import FACTS, write_benchmark_log
 from gpt.assets import REPO_ROOT
 from gpt.chat_format import ChatFormat
 from gpt.checkpoint import is_checkpoint, load_checkpoint
-from training.report import greedy_answer, render_question
+from training.report import greedy_answers, render_question
 
 BUNDLED = REPO_ROOT / "models" / "native" / "smollm2-135m-instruct"
 
@@ -40,14 +40,18 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def ask_facts(checkpoint: Path) -> dict:
+def ask_facts(checkpoint: Path, system_prompt: str | None) -> dict:
+    """Each fact as taught and in other words, asked greedily with the log's system prompt (as the app asks)."""
     model, tokenizer, _ = load_checkpoint(checkpoint)
     fmt = ChatFormat.for_tokenizer(tokenizer)
+    asked = [(fact, kind, question) for kind in ("taught", "paraphrased") for fact in FACTS
+             for question in [fact.question if kind == "taught" else fact.paraphrase]]
+    replies = greedy_answers(model, tokenizer, [render_question(fmt, tokenizer, q, system_prompt)[0]
+                                                for _, _, q in asked])
     out = {"taught": [], "paraphrased": []}
-    for fact in FACTS:
-        for kind, question in (("taught", fact.question), ("paraphrased", fact.paraphrase)):
-            reply = tokenizer.decode(greedy_answer(model, tokenizer, render_question(fmt, tokenizer, question)[0]))
-            out[kind].append({"question": question, "reply": reply, "right": fact.key.lower() in reply.lower()})
+    for (fact, kind, question), ids in zip(asked, replies, strict=True):
+        reply = tokenizer.decode(ids)
+        out[kind].append({"question": question, "reply": reply, "right": fact.key.lower() in reply.lower()})
     return out
 
 
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         out = next(d for d in models.iterdir() if d.name.startswith("finetuned-") and is_checkpoint(d))
         meta = json.loads((out / "meta.json").read_text())
-        facts = ask_facts(out)
+        facts = ask_facts(out, (meta.get("report") or {}).get("retention", {}).get("system_prompt"))
     report = meta.get("report") or {}
     taught = sum(f["right"] for f in facts["taught"])
     paraphrased = sum(f["right"] for f in facts["paraphrased"])

@@ -236,11 +236,14 @@ class GPT(nn.Module):
         dtype = self.transformer.wte.weight.dtype
         return cos[start:start + T].to(dtype), sin[start:start + T].to(dtype)
 
-    def forward(self, idx, targets=None, loss_mask=None, cache: KVCache | None = None, last_only=False):
+    def forward(self, idx, targets=None, loss_mask=None, cache: KVCache | None = None, last_only=False,
+                loss_only=False):
         """Logits for `idx` (B, T). With `targets`, also the mean cross-entropy (over `loss_mask` if given).
 
         With `cache`, positions start at `cache.pos` and the cache advances by T. `last_only` computes
         logits for the last position only (what decoding needs; saves the big vocabulary matmul).
+        `loss_only` (with targets) returns (None, loss) and runs the vocabulary matmul only where a target
+        counts: fine-tuning on chats scores replies only, so most positions need no logits.
         """
         B, T = idx.shape
         start = cache.pos if isinstance(cache, KVCache) else 0  # slot caches check their rows themselves
@@ -263,6 +266,17 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if last_only and targets is None:
             return self.lm_head(x[:, -1:, :])
+        if loss_only and targets is not None:
+            keep = targets.reshape(-1) != -1
+            if loss_mask is not None:
+                keep = keep & (loss_mask.reshape(-1) > 0)
+            picked = keep.nonzero().squeeze(1)
+            logits = self.lm_head(x.reshape(B * T, -1).index_select(0, picked))
+            weights = loss_mask.reshape(-1).index_select(0, picked).float() if loss_mask is not None else None
+            losses = F.cross_entropy(logits.float(), targets.reshape(-1).index_select(0, picked), reduction="none")
+            if weights is None:
+                return None, losses.sum() / max(1, losses.numel())
+            return None, (losses * weights).sum() / weights.sum().clamp(min=1.0)
         logits = self.lm_head(x)
         if targets is None:
             return logits

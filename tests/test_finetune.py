@@ -249,6 +249,30 @@ def test_ctrl_c_keeps_the_best_so_far_and_resume_continues(tiny_base, log, tmp_p
     assert iters[0] == 0 and iters[-1] == stopped_at + 7 and iters == sorted(set(iters))
 
 
+def status_step(path: Path) -> int:
+    try:
+        return json.loads(path.read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def test_a_lora_run_writes_its_best_once_at_the_end_and_ctrl_c_still_keeps_it(tiny_base, log, tmp_path):
+    out, status = tmp_path / "out", tmp_path / "status.json"
+    proc = subprocess.Popen([sys.executable, "-m", "training.finetune", "--history", str(log), "--base",
+                             str(tiny_base), "--out", str(out), *FAST, "--lora-rank", "4", "--max-iters", "100000",
+                             "--eval-interval", "5", "--patience", "0", "--no-report", "--status", str(status)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: status_step(status) >= 12, proc)
+    assert not out.exists()  # the best adapters are kept in memory while training, not written each time
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stopped"] == "interrupted" and meta["iterations"] >= 12 and meta["best_iter"] >= 0
+    model, _, _ = load_checkpoint(out)  # an ordinary (merged) checkpoint
+    assert (work_dir_for(out) / "state.pt").is_file()  # --resume can continue it
+
+
 def test_a_hugging_face_gpt2_directory_works_as_base(tiny_gpt2_hf_dir, log, tmp_path):
     out = tmp_path / "out"
     assert main(["--history", str(log), "--base", str(tiny_gpt2_hf_dir), "--out", str(out), *FAST,
@@ -326,8 +350,9 @@ def test_with_no_flags_the_settings_come_from_the_data_in_one_printed_line(tiny_
     meta = json.loads((out / "meta.json").read_text())
     cfg, data = meta["config"], json.loads((work_dir_for(out) / "data" / "manifest.json").read_text())["splits"]
     longest = max(data["train"]["longest"], data["val"]["longest"])
-    assert longest <= cfg["block_size"] < longest + 8  # rows sized to the examples, not 512
-    assert data["train"]["examples"] == len(data["train"]["conversations"])  # one example per conversation
+    assert longest <= cfg["block_size"] < 2 * longest + 8  # rows sized to (two of) the examples, not 512
+    # one example per conversation, plus each edited question asked afresh
+    assert data["train"]["examples"] == len(data["train"]["conversations"]) + data["train"]["taught_probes"]
     evals = [h["iter"] for h in meta["history"]]
     assert evals == list(range(0, meta["iterations"] + 1, cfg["eval_interval"]))[:len(evals)]
     assert cfg["max_iters"] == round(cfg["epochs"] * cfg["eval_interval"])  # epochs, one evaluation each

@@ -155,14 +155,14 @@ def test_edits_replace_replies_and_feedback_filters_choose_targets(tmp_path, gpt
         return sorted(_targets(data, "train", gpt2_tok) + _targets(data, "val", gpt2_tok))
 
     everything = targets()
-    assert len(everything) == 18 + 1  # and the edit asked afresh in the val split
-    assert everything.count(" Fixed by hand.<|endoftext|>") == 2
+    assert len(everything) == 18 + 2  # and the edit asked afresh, in the train and in the val split
+    assert everything.count(" Fixed by hand.<|endoftext|>") == 3
     edited_original = records[2 * 3 + 1]["assistant"]
     assert everything.count(f" {edited_original}<|endoftext|>") == 5  # 6 conversations, one reply edited
     liked = targets(only_liked=True)
-    assert liked == sorted([f" {records[0]['assistant']}<|endoftext|>", *[" Fixed by hand.<|endoftext|>"] * 2])
+    assert liked == sorted([f" {records[0]['assistant']}<|endoftext|>", *[" Fixed by hand.<|endoftext|>"] * 3])
     no_disliked = targets(exclude_disliked=True)
-    assert len(no_disliked) == 17 + 1 and " Fixed by hand.<|endoftext|>" in no_disliked
+    assert len(no_disliked) == 17 + 2 and " Fixed by hand.<|endoftext|>" in no_disliked
 
 
 def test_only_liked_with_too_few_likes_is_refused(tmp_path, gpt2_tok):

@@ -46,6 +46,7 @@ class TrainConfig:
     compile: bool = False
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 16.0
+    lora_targets: str = "all"  # which matrices get adapters: all, attention or mlp
     epochs: float = 0.0  # > 0 with max_iters "auto": run this many passes over the training data
 
     def to_dict(self) -> dict:
@@ -78,6 +79,7 @@ HELP = {
     "lora_rank": "fine-tune rank-R LoRA adapters of the attention and MLP matrices instead of every weight "
                  "(0: full fine-tuning; LoRA wants a larger --lr, e.g. 1e-3); checkpoints are saved merged",
     "lora_alpha": "LoRA scale numerator: updates are scaled by lora_alpha / lora_rank",
+    "lora_targets": "matrices that get LoRA adapters: all (attention and MLP), attention, or mlp",
     "epochs": "passes over the training data (used when --max-iters is auto)",
 }
 
@@ -127,6 +129,8 @@ def validate(cfg: TrainConfig, allow_auto: bool = False) -> TrainConfig:
         fail("epochs", "a number >= 0")
     if not is_num(cfg.lora_alpha) or cfg.lora_alpha <= 0:
         fail("lora_alpha", "a number > 0")
+    if cfg.lora_targets not in ("all", "attention", "mlp"):
+        fail("lora_targets", "one of all, attention, mlp")
     if not is_num(cfg.dropout) or not 0 <= cfg.dropout < 1:
         fail("dropout", "a number in [0, 1)")
     for name in ("beta1", "beta2"):

@@ -7,7 +7,7 @@ Each conversation is rendered by `gpt.chat_format.ChatFormat.training_examples`,
 native backend uses at inference: the prompt with mask 0 and each reply plus its end marker with mask 1,
 one sequence per conversation. Conversations are split about 90/10 by a seeded hash of their id, so one
 conversation never lands on both sides and a conversation once trained on never becomes validation data;
-conversations with an edited reply always train, and the val split also asks each edit's question afresh.
+conversations with an edited reply always train, and each edit's question is also asked afresh, in both splits.
 
 On disk, per split: `<split>.tokens.bin` (uint16 when the vocabulary fits, else uint32), `<split>.mask.bin`
 (uint8) and `<split>.offsets.bin` (int64, example boundaries), and one `manifest.json` written last.
@@ -140,7 +140,7 @@ def render_examples(selections: list[Selection], fmt: ChatFormat, tokenizer: Tok
 
 def taught_probes(selections: list[Selection], fmt: ChatFormat, tokenizer: Tokenizer
                   ) -> list[tuple[list[int], list[int]]]:
-    """Each edited reply as the answer to its question asked in a fresh conversation (validation only).
+    """Each edited reply as the answer to its question asked in a fresh conversation (trained and validated).
 
     The val loss then falls while the model learns what the user corrected (asked anew, not in the chat it was
     taught in) and rises when the held-out conversations drift: early stopping and the kept checkpoint weigh
@@ -232,11 +232,13 @@ def prepare_chat_data(history: str | Path, tokenizer: Tokenizer, directory: str 
         "splits": {},
     }
     probes = taught_probes(train_sel, fmt, tokenizer)
-    for name, sel, extra in (("train", train_sel, []), ("val", val_sel, probes)):
+    # The probes train too: the app's user asks a corrected question again in a new chat, not only inside the
+    # conversation where they corrected it; without them the fact stays tied to that conversation's context.
+    for name, sel, extra in (("train", train_sel, probes), ("val", val_sel, probes)):
         stats = write_split(directory, name, render_examples(sel, fmt, tokenizer) + extra, dtype)
         stats["conversations"] = [s.conversation.conversation_id for s in sel]
         manifest["splits"][name] = stats
-    manifest["splits"]["val"]["taught_probes"] = len(probes)
+    manifest["splits"]["train"]["taught_probes"] = manifest["splits"]["val"]["taught_probes"] = len(probes)
     _write_manifest(directory, manifest)
     return manifest
 

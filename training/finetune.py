@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -192,10 +193,12 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
     measure = dist.is_main and not args.resume and not args.no_report
     if measure:
         status.update(phase="asking the base the retention questions")
-        taught = taught_examples(train_selections(args, manifest), chat_format_for(tokenizer), tokenizer)
-        before = retention(model.to(device), tokenizer)
+        selections = train_selections(args, manifest)
+        taught = taught_examples(selections, chat_format_for(tokenizer), tokenizer)
+        system_prompt = usual_system_prompt(selections)
+        before = retention(model.to(device), tokenizer, system_prompt=system_prompt)
     if cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = f"LoRA rank {cfg.lora_rank}, {trainable / 1e6:.2f}M trainable" if cfg.lora_rank else "full fine-tuning"
     say(dist, f"base {base_source}: {n_params / 1e6:.1f}M parameters ({what}); training on {device} "
@@ -216,7 +219,7 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
         status.update(checkpoint=str(out))
     if code == 0 and measure and is_checkpoint(out):
         status.update(phase="checking what the model learned and kept")
-        report = measure_run(out, device, taught, before)
+        report = measure_run(out, device, taught, before, system_prompt)
         say(dist, describe_report(report))
         status.update(report=report)
     return code
@@ -230,12 +233,19 @@ def train_selections(args: argparse.Namespace, manifest: dict):
     return [s for s in selections if s.conversation.conversation_id in train_ids]
 
 
-def measure_run(out: Path, device, taught, before) -> dict:
+def usual_system_prompt(selections) -> str | None:
+    """The system prompt most of the log's conversations used: retention asks with it, as the app would."""
+    counts = Counter(s.conversation.system_prompt for s in selections)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def measure_run(out: Path, device, taught, before, system_prompt: str | None = None) -> dict:
     """Recall and retention of the best checkpoint, recorded in its meta.json (atomically)."""
     model, tokenizer, meta = load_checkpoint(out, device=device)
+    after = retention(model, tokenizer, reference=before, system_prompt=system_prompt)
     report = {"val_loss_before": meta["history"][0]["val_loss"] if meta.get("history") else None,
               "val_loss_after": meta.get("best_val_loss"), "recall": recall(model, taught),
-              "retention": compare(before, retention(model, tokenizer, reference=before))}
+              "retention": {**compare(before, after), "system_prompt": system_prompt}}
     meta["report"] = report
     tmp = out / f".meta.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=2))

@@ -19,6 +19,7 @@ import torch.nn as nn
 from gpt.model import GPT
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+TARGET_SETS = {"all": TARGETS, "attention": TARGETS[:2], "mlp": TARGETS[2:]}
 
 
 class LoRALinear(nn.Module):
@@ -37,12 +38,13 @@ class LoRALinear(nn.Module):
         return self.base.weight + (self.lora_b @ self.lora_a) * self.scale
 
 
-def apply_lora(model: GPT, rank: int, alpha: float) -> GPT:
-    """Freeze every weight of `model` and wrap its attention and MLP matrices with trainable LoRA adapters."""
+def apply_lora(model: GPT, rank: int, alpha: float, targets: str = "all") -> GPT:
+    """Freeze every weight of `model` and wrap its attention and/or MLP matrices (`targets`: all, attention,
+    mlp) with trainable LoRA adapters."""
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.transformer.h:
-        for path in TARGETS:
+        for path in TARGET_SETS[targets]:
             owner_name, attr = path.split(".")
             owner = getattr(block, owner_name)
             setattr(owner, attr, LoRALinear(getattr(owner, attr), rank, alpha))

@@ -8,6 +8,11 @@
 previous best in place) plus `loss_curve.png`. Run files that are not part of the checkpoint, the prepared
 data and the resume state, live in the sibling `<out_dir>.train/`, because each atomic save replaces the
 checkpoint directory whole.
+
+With `keep_in_memory` (LoRA runs, whose trainable weights are a few MB) nothing is written during training:
+the best adapters are copied in memory at each evaluation and `flush()` writes the merged checkpoint and the
+resume state once at the end, also after Ctrl-C (the caller holds interrupts while it writes). Writing the
+full 135M-parameter weights and optimizer state at every evaluation cost more than the evaluation itself.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from gpt.checkpoint import save_checkpoint
 from gpt.model import GPT
@@ -34,13 +41,16 @@ def work_dir_for(out_dir: str | Path) -> Path:
 
 class RunOutputs:
     def __init__(self, out_dir: str | Path, tokenizer: Tokenizer, meta: dict,
-                 export: Callable[[GPT], GPT] | None = None):
+                 export: Callable[[GPT], GPT] | None = None, keep_in_memory: bool = False):
         self.out_dir = Path(out_dir)
         self.export = export or (lambda model: model)  # e.g. merge LoRA adapters into plain weights
         self.work_dir = work_dir_for(self.out_dir)
         self.tokenizer = tokenizer
         self.meta = dict(meta)
         self.started = time.time()
+        self.keep_in_memory = keep_in_memory
+        self._best: tuple[GPT, dict[str, torch.Tensor], dict] | None = None  # model, trainable weights, meta
+        self._resume: tuple[GPT, object, LoopState] | None = None  # what flush() writes for --resume
 
     @property
     def state_path(self) -> Path:
@@ -54,18 +64,45 @@ class RunOutputs:
                 "tokens": state.tokens, "history": state.history, "created": time.time()}
 
     def save_best(self, model: GPT, state: LoopState) -> None:
-        """The lowest-val-loss weights so far, atomically replacing the previous best."""
+        """The lowest-val-loss weights so far, atomically replacing the previous best (or kept in memory)."""
+        if self.keep_in_memory:
+            self._best = (model, trainable_copy(model), self._meta(state))
+            return
+        self._write_best(model, self._meta(state))
+        plot_losses(state.history, self.out_dir / LOSS_CURVE, state.best_iter)
+
+    def _write_best(self, model: GPT, meta: dict) -> None:
         dropout = model.config.dropout
         model.config.dropout = 0.0  # inference needs none; a later fine-tune sets its own
         try:
-            save_checkpoint(self.export(model), self.out_dir, self.tokenizer, self._meta(state))
+            save_checkpoint(self.export(model), self.out_dir, self.tokenizer, meta)
         finally:
             model.config.dropout = dropout
-        plot_losses(state.history, self.out_dir / LOSS_CURVE, state.best_iter)
 
     def save_state(self, model: GPT, optimizer, state: LoopState) -> None:
+        if self.keep_in_memory:
+            self._resume = (model, optimizer, state)
+            return
         self.work_dir.mkdir(parents=True, exist_ok=True)
         save_training_state(self.state_path, model, optimizer, state)
+
+    def flush(self) -> None:
+        """Write what `keep_in_memory` held back: the best weights as the checkpoint, then the resume state
+        (the current weights). Call it with interrupts held, once training has stopped."""
+        if self._best is not None:
+            model, best, meta = self._best
+            current = trainable_copy(model)
+            load_trainable(model, best)
+            try:
+                self._write_best(model, meta)
+            finally:
+                load_trainable(model, current)
+            self._best = None
+        if self._resume is not None:
+            model, optimizer, state = self._resume
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            save_training_state(self.state_path, model, optimizer, state)
+            self._resume = None
 
     def finish(self, result: LoopResult) -> dict:
         """Record how the run ended in the checkpoint's meta.json (atomically) and redraw the curve."""
@@ -87,6 +124,17 @@ class RunOutputs:
         os.replace(tmp, meta_path)
         plot_losses(state.history, self.out_dir / LOSS_CURVE, state.best_iter)
         return meta
+
+
+def trainable_copy(model: GPT) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable(model: GPT, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in weights.items():
+        params[name].copy_(value)
 
 
 def plot_losses(history: list[dict], path: Path, best_iter: int | None = None) -> None:

@@ -26,6 +26,7 @@ from gpt.chat_format import ChatFormat, message_text
 from gpt.engine import Engine
 from gpt.model import GPT
 from gpt.sampling import SamplingParams
+from gpt.slots import bytes_per_position
 from gpt.tokenizer import Tokenizer
 from training.quality import QUESTIONS, Question, is_right
 
@@ -124,19 +125,34 @@ class RetentionResult:
         return sum(self.right)
 
 
+def greedy_answers(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]],
+                   max_new_tokens: int = MAX_ANSWER_TOKENS) -> list[list[int]]:
+    """Greedy replies to all `prompts`, decoded together in one batch by one engine (seconds, not a minute)."""
+    if not prompts:
+        return []
+    longest = max(map(len, prompts)) + max_new_tokens + 1
+    capacity = min(len(prompts), 16)
+    engine = Engine(model, graphs=False, capacity=capacity,
+                    kv_budget_bytes=(capacity + 1) * bytes_per_position(model) * longest)
+    try:
+        replies = [engine.generate(p, max_new_tokens, SamplingParams(temperature=0), stop_ids=tokenizer.stop_ids)
+                   for p in prompts]  # all submitted first, so the scheduler batches them
+        return [list(r) for r in replies]
+    finally:
+        engine.scheduler.close()
+
+
 def greedy_answer(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int],
                   max_new_tokens: int = MAX_ANSWER_TOKENS) -> list[int]:
-    engine = Engine(model)
-    return list(engine.generate(prompt_ids, max_new_tokens, SamplingParams(temperature=0),
-                                stop_ids=tokenizer.stop_ids))
+    return greedy_answers(model, tokenizer, [prompt_ids], max_new_tokens)[0]
 
 
 def retention(model: GPT, tokenizer: Tokenizer, reference: RetentionResult | None = None,
-              questions: tuple[Question, ...] = QUESTIONS) -> RetentionResult:
-    """Greedy answers to the retention questions; answers equal to `reference`'s are confirmed by teacher
-    forcing instead of decoded again."""
+              questions: tuple[Question, ...] = QUESTIONS, system_prompt: str | None = None) -> RetentionResult:
+    """Greedy answers to the retention questions (asked with `system_prompt`, as the app asks them); answers
+    equal to `reference`'s are confirmed by teacher forcing instead of decoded again."""
     fmt = ChatFormat.for_tokenizer(tokenizer)
-    prompts = [render_question(fmt, tokenizer, q.question)[0] for q in questions]
+    prompts = [render_question(fmt, tokenizer, q.question, system_prompt)[0] for q in questions]
     answers: list[str | None] = [None] * len(questions)
     if reference is not None:
         encode = _encode(fmt, tokenizer)
@@ -148,9 +164,9 @@ def retention(model: GPT, tokenizer: Tokenizer, reference: RetentionResult | Non
         for i, same in enumerate(reproduces(model, pairs)):
             if same:
                 answers[i] = reference.answers[i]
-    for i, prompt in enumerate(prompts):
-        if answers[i] is None:
-            answers[i] = tokenizer.decode(greedy_answer(model, tokenizer, prompt))
+    todo = [i for i, a in enumerate(answers) if a is None]
+    for i, ids in zip(todo, greedy_answers(model, tokenizer, [prompts[i] for i in todo]), strict=True):
+        answers[i] = tokenizer.decode(ids)
     right = [is_right(a, q) for a, q in zip(answers, questions, strict=True)]
     return RetentionResult(answers, right)
 

@@ -24,9 +24,11 @@ from training.loop import (
     LoopResult,
     Trainer,
     cleanup_distributed,
+    deferred_interrupts,
     load_training_state,
     setup_distributed,
 )
+from training.lora import has_lora
 from training.outputs import RunOutputs, work_dir_for
 
 
@@ -112,7 +114,8 @@ def train_and_report(model: GPT, tokenizer: Tokenizer, batches, cfg: TrainConfig
                      dist: Distributed, device: torch.device, resume: bool, progress: bool = True,
                      export: Callable[[GPT], GPT] | None = None, on_step=None) -> int:
     """Train with early stopping, keep the best in `out`, print how it went; returns the exit status."""
-    outputs = RunOutputs(out, tokenizer, meta, export)
+    # LoRA: the best adapters stay in memory and are written once at the end (flush below).
+    outputs = RunOutputs(out, tokenizer, meta, export, keep_in_memory=has_lora(model))
     trainer = Trainer(model, batches, cfg, device, dist, on_best=outputs.save_best, on_eval=outputs.save_state,
                       progress=progress, on_step=on_step)
     if resume:
@@ -127,6 +130,8 @@ def train_and_report(model: GPT, tokenizer: Tokenizer, batches, cfg: TrainConfig
     finally:
         cleanup_distributed(dist)
     if dist.is_main:
+        with deferred_interrupts():  # Ctrl-C now would lose the best weights: let the writes finish
+            outputs.flush()
         outputs.finish(result)
         say(dist, summary(result, out))
     return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
