@@ -26,6 +26,7 @@ from backends import (
 )
 from chatapp.chat import new_conversation_id, respond
 from chatapp.history import ChatLog, ChatLogError
+from gpt.scheduler import stop_all
 
 HELP = """Commands:
   /help                 this list
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         if not console.handle(line):
             break
     console.backend.release()
+    stop_all()
     return 0
 
 

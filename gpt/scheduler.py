@@ -43,8 +43,10 @@ _live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
 
 
 @atexit.register
-def _stop_all() -> None:
-    """At interpreter exit, stop every scheduler thread between steps (not inside a kernel launch)."""
+def stop_all() -> None:
+    """Stop every scheduler thread between steps (not inside a kernel launch) and wait for it to end. Runs at
+    interpreter exit; a program that ends by itself calls it first, so no thread is still winding down
+    while the interpreter tears torch down (that can abort the process)."""
     for scheduler in list(_live):
         scheduler.close(cancel=True)
     for scheduler in list(_live):

@@ -218,7 +218,17 @@ def test_reload_button_serves_a_new_checkpoint_and_errors_read_as_sentences(tmp_
 
         # Settings that cannot work are refused with a sentence, never a traceback.
         page.get_by_text("Generation settings").click()
-        page.get_by_label("Seed").fill("not a number")
+        seed = page.get_by_label("Seed")
+
+        def typed_seed() -> bool:  # the controls may still be taking the backend's defaults: type again then
+            if seed.input_value() != "not a number":
+                seed.fill("not a number")
+                return False
+            return True
+
+        wait_until(typed_seed, what="the seed box to keep what was typed")
+        time.sleep(1)
+        wait_until(typed_seed, what="the seed box to keep what was typed")
         page.locator("#message textarea").fill("Again")
         page.locator("#message textarea").press("Enter")
         wait_until(lambda: "Check the generation settings: seed must be a whole number" in page.content(),
