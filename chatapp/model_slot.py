@@ -60,16 +60,6 @@ class _Slot:
         self.last_load_s: float | None = None  # how long the last successful load took
 
 
-def warm_up(backend: ChatBackend) -> None:
-    """Make a lazily loading backend load its weights now (off the request path)."""
-    load = getattr(backend, "load", None)
-    if callable(load):
-        load()
-    else:  # the contract's lazy backends load on first use of the model
-        backend.encode("Hello")
-        _ = backend.context_length
-
-
 class ModelSlots:
     def __init__(self, config: dict, factory: Callable[..., ChatBackend] = create_backend):
         self._config = config
@@ -138,7 +128,7 @@ class ModelSlots:
             options = {"checkpoint": slot.checkpoint} if slot.checkpoint else {}
             backend = self.factory(slot.key, self._config, **options)
             slot.phase = "reading the weights into memory"
-            warm_up(backend)
+            backend.load()  # off the request path: a lazy backend loads its weights now
         except (BackendError, ValueError, OSError) as exc:
             self._finish(slot, None, f"{slot.label} could not be loaded: {exc}")
         except Exception as exc:  # a bug, not a user error: keep the traceback in the server log

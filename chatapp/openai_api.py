@@ -33,9 +33,8 @@ from starlette.routing import Route
 
 from backends import BackendError
 from backends.base import GenerationConfig
-from chatapp.chat import GENERATE_LIMIT, new_conversation_id
+from chatapp.chat import GENERATE_LIMIT, message_text, new_conversation_id
 from chatapp.history import ChatLogError
-from gpt.chat_format import message_text
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import gradio as gr
 
 from backends import BackendError
 from backends.base import shown
-from chatapp.chat import new_conversation_id
+from chatapp.chat import new_conversation_id, plain_messages
 from chatapp.history import ChatLogError
 from chatapp.ui_controls import generation_config
 from chatapp.ui_service import GENERATE, GENERATE_LIMIT, STATS, STATS_LIMIT, user_error
@@ -39,7 +39,7 @@ def _is_text(content) -> bool:
 
 
 def _check_history(history) -> list[dict]:
-    """The /chat `history` argument as user/assistant messages; gr.Error says what is wrong with it."""
+    """The /chat `history` argument as plain user/assistant messages; gr.Error says what is wrong with it."""
     if history is None:
         return []
     if not isinstance(history, list):
@@ -48,7 +48,7 @@ def _check_history(history) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not _is_text(m.get("content")):
             raise _refuse(f"history[{i}] must be a message like {{\"role\": \"user\" or \"assistant\", "
                           f"\"content\": \"...\"}} with text content; pass the system prompt as system_prompt.")
-    return history
+    return plain_messages(history)
 
 
 def _check_strings(backend, system_prompt) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt.chat_format import ChatFormat, message_text
+from gpt.chat_format import ChatFormat
 from gpt.chatlog import Conversation, conversations, read_log
 from gpt.tokenizer import Tokenizer
 
@@ -36,13 +36,8 @@ class DataError(ValueError):
 
 
 def chat_format_for(tokenizer: Tokenizer) -> ChatFormat:
-    """The chat format the native backend uses for this tokenizer (its template, specials, bos/eos)."""
+    """The chat format the native backend uses for this tokenizer, bound to it (it encodes its own prompts)."""
     return ChatFormat.for_tokenizer(tokenizer)
-
-
-def prompt_encoder(fmt: ChatFormat, tokenizer: Tokenizer):
-    """The tokenizer call the native backend uses on rendered prompts: template prompts carry markup."""
-    return tokenizer.encode_markup if fmt.uses_template else tokenizer.encode
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -73,7 +68,7 @@ def select_exchanges(convs: list[Conversation], only_liked: bool = False,
             counts["liked"] += rating == "like"
             counts["disliked"] += rating == "dislike"
             counts["edited"] += edited
-            if not message_text(conv.edits.get(ex.turn, ex.assistant)).strip():
+            if not conv.edits.get(ex.turn, ex.assistant).strip():
                 counts["empty"] += 1
                 continue
             good = rating == "like" or edited
@@ -122,10 +117,9 @@ def render_examples(selections: list[Selection], fmt: ChatFormat, tokenizer: Tok
     history for every turn (a four-turn chat costs a quarter of the tokens). Where the tokenizer does not
     render the shorter examples as exact prefixes of the longer one, the turns stay separate examples.
     """
-    encode = prompt_encoder(fmt, tokenizer)
     examples = []
     for sel in selections:
-        per_turn = fmt.training_examples(sel.conversation.messages(), encode, tokenizer.eot_id)
+        per_turn = fmt.training_examples(sel.conversation.messages())
         chosen = [per_turn[i] for i in sel.turns]
         ids, mask = list(chosen[-1][0]), list(chosen[-1][1])
         separate = []
@@ -146,7 +140,6 @@ def taught_probes(selections: list[Selection], fmt: ChatFormat, tokenizer: Token
     taught in) and rises when the held-out conversations drift: early stopping and the kept checkpoint weigh
     both, where held-out chats alone would prefer the base (learning a fact never helps an unrelated chat).
     """
-    encode = prompt_encoder(fmt, tokenizer)
     probes = []
     for sel in selections:
         conv = sel.conversation
@@ -156,7 +149,7 @@ def taught_probes(selections: list[Selection], fmt: ChatFormat, tokenizer: Token
             if ex.turn in conv.edits:
                 messages = [*system, {"role": "user", "content": ex.user},
                             {"role": "assistant", "content": conv.edits[ex.turn]}]
-                probes.append(fmt.training_examples(messages, encode, tokenizer.eot_id)[-1])
+                probes.append(fmt.training_examples(messages)[-1])
     return probes
 
 
