@@ -125,9 +125,9 @@ def build(args: argparse.Namespace):
     """The app for these flags; FlagError if the config, backend or chat log cannot work."""
     from backends import BackendError
     from backends.registry import load_config
-    from chatapp.history import ChatLog, ChatLogError
     from chatapp.openai_api import ApiAccess
     from chatapp.ui import build_app
+    from gpt.chatlog import ChatLog, ChatLogError
 
     try:
         config = load_config(args.config)

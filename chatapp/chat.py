@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from backends.base import GenerationConfig
 from backends.native import serving_capacity
 from chatapp.budget import Prompt, build_prompt
-from chatapp.history import ChatLog
+from gpt.chatlog import ChatLog
 
 # Replies streamed at once by each edge (the UI's queue, the /v1 API): as many as the native engine decodes in
 # one batch (more would only wait in its queue); one loaded model serves them all.

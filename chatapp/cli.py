@@ -25,7 +25,7 @@ from backends import (
     load_config,
 )
 from chatapp.chat import new_conversation_id, respond
-from chatapp.history import ChatLog, ChatLogError
+from gpt.chatlog import ChatLog, ChatLogError
 from gpt.scheduler import stop_all
 
 HELP = """Commands:
@@ -164,10 +164,7 @@ class ConsoleChat:
         except ChatLogError as e:
             self.say(f"error: {e}")
             return
-        ready = "yes" if stats.ready_for_finetune else f"not yet (needs {self.ready_threshold} exchanges)"
-        self.say(f"Chat log {self.log.path}: {stats.conversations} conversations, {stats.exchanges} exchanges "
-                 f"({stats.liked} liked, {stats.disliked} disliked), {stats.malformed} malformed lines; "
-                 f"ready for fine-tuning: {ready}.")
+        self.say(stats.line(self.log.path))
 
 
 def parse_setting(name: str, raw: str):

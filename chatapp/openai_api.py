@@ -34,7 +34,7 @@ from starlette.routing import Route
 from backends import BackendError
 from backends.base import GenerationConfig
 from chatapp.chat import GENERATE_LIMIT, message_text, new_conversation_id
-from chatapp.history import ChatLogError
+from gpt.chatlog import ChatLogError
 
 log = logging.getLogger(__name__)
 

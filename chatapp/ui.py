@@ -20,7 +20,6 @@ import gradio as gr
 
 from backends import BackendError, GenerationConfig
 from chatapp.chat import message_text, new_conversation_id, plain_messages
-from chatapp.history import ChatLogError
 from chatapp.openai_api import ApiAccess, openai_routes
 from chatapp.ui_api import register_api
 from chatapp.ui_controls import (
@@ -32,6 +31,7 @@ from chatapp.ui_controls import (
 from chatapp.ui_conversations import conversation_sidebar
 from chatapp.ui_finetune import build_finetune_panel
 from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService, ReplyBusy
+from gpt.chatlog import ChatLogError
 
 STATUS_POLL_S = 0.5  # how often a loading status line refreshes
 

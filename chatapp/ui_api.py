@@ -20,9 +20,9 @@ import gradio as gr
 from backends import BackendError
 from backends.base import shown
 from chatapp.chat import new_conversation_id, plain_messages
-from chatapp.history import ChatLogError
 from chatapp.ui_controls import generation_config
 from chatapp.ui_service import GENERATE, GENERATE_LIMIT, STATS, STATS_LIMIT, user_error
+from gpt.chatlog import ChatLogError
 
 
 def _refuse(sentence: str) -> gr.Error:
@@ -105,9 +105,7 @@ def register_api(service) -> None:
             s = service.log.stats(service.ready_threshold)
         except ChatLogError as exc:
             raise user_error(exc) from None
-        return {"exchanges": s.exchanges, "conversations": s.conversations, "liked": s.liked,
-                "disliked": s.disliked, "malformed": s.malformed, "ready_for_finetune": s.ready_for_finetune,
-                "ready_threshold": service.ready_threshold, "log": str(service.log_path)}
+        return {**s.as_dict(), "ready_threshold": s.threshold, "log": str(service.log_path)}
 
     def backends() -> list[dict]:
         """The configured backends: key (pass it to /chat), label, kind, whether it is the default, status."""

@@ -12,14 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 
 from backends import GenerationConfig
 from backends.base import shown
 from chatapp.budget import Prompt
-from chatapp.history import LogStats
 
 _ESCAPES = {"\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
 
@@ -192,15 +190,3 @@ def context_meter(prompt: Prompt, context_length: int, max_new_tokens: int, upda
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def stats_text(stats: LogStats, log_path, threshold: int) -> str:
-    """The stats panel: what the chat log holds for fine-tuning."""
-    ready = "**yes**" if stats.ready_for_finetune else f"not yet (at {threshold} exchanges)"
-    lines = [f"**Chat log** `{Path(log_path).name}`",
-             f"- {_count(stats.exchanges, 'exchange')} logged in {_count(stats.conversations, 'conversation')}",
-             f"- {stats.liked} liked · {stats.disliked} disliked",
-             f"- ready for fine-tune: {ready}"]
-    if stats.malformed:
-        lines.append(f"- {_count(stats.malformed, 'unreadable line')} skipped")
-    return "\n".join(lines)

@@ -19,10 +19,9 @@ from backends import GenerationConfig
 from backends.registry import generation_defaults
 from chatapp.chat import GENERATE_LIMIT, respond
 from chatapp.conversations import ConversationIndex
-from chatapp.history import ChatLog, ChatLogError
 from chatapp.limits import Limits
 from chatapp.model_slot import ModelSlots
-from chatapp.ui_controls import stats_text
+from gpt.chatlog import ChatLog, ChatLogError
 
 GENERATE = "generate"  # concurrency group shared by the UI's replies and the /chat API
 __all__ = ["GENERATE", "GENERATE_LIMIT", "ChatService", "user_error"]
@@ -96,7 +95,7 @@ class ChatService:
 
     def stats_text(self) -> str:
         try:
-            return stats_text(self.log.stats(self.ready_threshold), self.log_path, self.ready_threshold)
+            return self.log.stats(self.ready_threshold).markdown(self.log_path)
         except ChatLogError as exc:
             return str(exc)
 

@@ -10,7 +10,7 @@ import pytest
 from backends import BackendError, ChatBackend, GenerationConfig, create_backend
 from backends.reply import apply_stops
 from chatapp.chat import ChatUpdate, respond
-from chatapp.history import ChatLog
+from gpt.chatlog import ChatLog
 
 GREEDY = GenerationConfig(max_new_tokens=12, temperature=0.0, seed=1)
 

@@ -13,7 +13,7 @@ import pytest
 
 from backends import ChatBackend, GenerationConfig, create_backend, load_config
 from chatapp.cli import ConsoleChat, main, parse_setting
-from chatapp.history import ChatLog
+from gpt.chatlog import ChatLog
 
 REPO = Path(__file__).resolve().parent.parent
 

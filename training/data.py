@@ -40,6 +40,11 @@ def chat_format_for(tokenizer: Tokenizer) -> ChatFormat:
     return ChatFormat.for_tokenizer(tokenizer)
 
 
+def prompt_encoder(fmt: ChatFormat, tokenizer: Tokenizer):
+    """The tokenizer call for text `fmt` rendered: the format, bound to its tokenizer, decides (one place)."""
+    return fmt.encode_prompt
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
 

@@ -45,7 +45,7 @@ class Taught:
 
 
 def _encode(fmt: ChatFormat, tokenizer: Tokenizer):
-    return fmt.encode_prompt  # the format is bound to its tokenizer and knows which encoder its text needs
+    return tokenizer.encode_markup if fmt.uses_template else tokenizer.encode
 
 
 def render_question(fmt: ChatFormat, tokenizer: Tokenizer, question: str, system_prompt: str | None = None,
