@@ -8,7 +8,7 @@
 """
 
 from backends.base import BackendError, ChatBackend, GenerationConfig
-from backends.registry import create_backend, generation_defaults, list_backends, load_config
+from backends.registry import AppSettings, create_backend, generation_defaults, list_backends, load_config
 
-__all__ = ["BackendError", "ChatBackend", "GenerationConfig", "create_backend", "generation_defaults",
+__all__ = ["AppSettings", "BackendError", "ChatBackend", "GenerationConfig", "create_backend", "generation_defaults",
            "list_backends", "load_config"]

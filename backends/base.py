@@ -76,8 +76,8 @@ class GenerationConfig:
         """The one parser from loose values to a config: a GenerationConfig, None, or a dict of its fields
         (a TOML table, a JSON body, a model's settings), laid over `defaults` (else the class defaults).
 
-        Loose spellings are read once here: `top_k = 0` means off (TOML and sliders have no null), a list
-        of stop strings becomes a tuple. An unknown field or a bad value raises ValueError naming it.
+        Loose spellings are read once here: `top_k = 0` means off (TOML and sliders have no null); a stop
+        list or string becomes a tuple. An unknown field or a bad value raises ValueError naming it.
         """
         if isinstance(values, GenerationConfig):
             return values
@@ -86,15 +86,11 @@ class GenerationConfig:
                             f"{type(values).__name__}")
         unknown = sorted(set(values or {}) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"unknown generation setting(s) {', '.join(unknown)}; known: "
+            raise ValueError(f"Unknown generation setting(s) {', '.join(unknown)}; known: "
                              f"{', '.join(cls.field_names())}")
         settings = {f.name: getattr(defaults, f.name) for f in fields(cls)} if defaults is not None else {}
         for name, value in (values or {}).items():
-            if name == "top_k" and value == 0 and _is_int(value):
-                value = None
-            elif name == "stop" and isinstance(value, list):
-                value = tuple(value)
-            settings[name] = value
+            settings[name] = None if name == "top_k" and _is_int(value) and value == 0 else value
         return cls(**settings)
 
 

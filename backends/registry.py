@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -140,3 +141,54 @@ def backend_class(kind: str) -> type[ChatBackend]:
 
         return OpenAIBackend
     raise BackendError(f"Unknown backend kind {kind!r}: use one of {', '.join(KINDS)}.")
+
+
+# --- the app's settings: [app] and [generation], read once ----------------------------------------------------
+
+DEFAULT_HISTORY = "chat_history.jsonl"
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The [app] settings every entry point starts from (the web app, the console chat), with one set of
+    fallbacks, and each backend's generation defaults ([generation] + the model's file + its entry):
+
+        settings = AppSettings.load()              # or AppSettings(load_config(path))
+        settings.default_backend                   # [app] default_backend, else the first configured backend
+        settings.history, settings.system_prompt, settings.ready_for_finetune
+        settings.generation("smollm2")             # GenerationConfig: what backend "smollm2" starts with
+    """
+
+    config: dict
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> AppSettings:
+        return cls(load_config(path))
+
+    @property
+    def app(self) -> dict:
+        return self.config.get("app") or {}
+
+    @property
+    def default_backend(self) -> str:
+        configured = list(self.config.get("backends") or {})
+        key = self.app.get("default_backend") or (configured[0] if configured else None)
+        if key is None:
+            raise BackendError("The config has no backends: add a [backends.KEY] section (see configs/app.toml).")
+        return key
+
+    @property
+    def history(self) -> str:
+        return self.app.get("history") or DEFAULT_HISTORY
+
+    @property
+    def system_prompt(self) -> str:
+        return self.app.get("system_prompt") or ""  # "" means none
+
+    @property
+    def ready_for_finetune(self) -> int:
+        return self.app.get("ready_for_finetune", 10)
+
+    def generation(self, key: str | None = None) -> GenerationConfig:
+        """The generation settings backend `key` starts with (None: the app-wide [generation] ones)."""
+        return generation_defaults(self.config, key)
