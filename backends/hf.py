@@ -43,10 +43,7 @@ from backends.reply import ReplyStream, StopMatcher, check_prompt_fits
 from gpt.chat_format import ChatFormat
 from gpt.device import pick_device, pick_dtype
 from gpt.sampling import SamplingParams, counter_uniforms, pick_by_uniform, top_candidates, top_k_of
-from gpt.tokenizer import IncrementalDecoder
-
-# End-of-turn tokens of common chat models, besides the tokenizer's own eos.
-END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+from gpt.tokenizer import END_OF_TURN_TOKENS, IncrementalDecoder
 
 
 class _TextDecoder:
@@ -164,7 +161,7 @@ def _stop_ids(model, tokenizer) -> frozenset[int]:
         elif isinstance(candidate, (list, tuple)):
             ids.update(int(i) for i in candidate)
     added = tokenizer.added_tokens_encoder
-    ids.update(added[text] for text in END_TOKENS if text in added)
+    ids.update(added[text] for text in END_OF_TURN_TOKENS if text in added)
     return frozenset(ids)
 
 

@@ -22,16 +22,8 @@ import time
 import torch
 
 from benchmarks.measure import PeakMemory, hardware_name, median, synchronize
-from gpt.device import pick_device, pick_dtype
+from gpt.device import peak_flops, pick_device, pick_dtype
 from gpt.model import GPT, GPTConfig
-
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
-
-
-def gpu_peak_tflops(device: torch.device) -> float | None:
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def parse_args(argv):
@@ -109,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t)
     dt = median(times)
     tokens = batch * block
-    peak = args.peak_tflops or (gpu_peak_tflops(device) if gpu else None)
+    known = peak_flops(device)  # None off CUDA or for a GPU without a listed peak
+    peak = args.peak_tflops or (known / 1e12 if known else None)
     result = {
         "device": device.type, "hardware": hardware_name(device), "dtype": str(dtype).replace("torch.", ""),
         "compile": args.compile, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,

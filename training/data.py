@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt.assets import sha256_of
 from gpt.chat_format import ChatFormat
 from gpt.chatlog import Conversation, conversations, read_log
 from gpt.tokenizer import Tokenizer
@@ -222,7 +223,7 @@ def prepare_chat_data(history: str | Path, tokenizer: Tokenizer, directory: str 
     manifest = {
         "format": FORMAT_VERSION, "kind": "chat", "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
         "tokenizer": tokenizer.name, "eot_id": tokenizer.eot_id, "template": fmt.uses_template,
-        "source": {"history": str(history.resolve()), "sha256": _sha256(history),
+        "source": {"history": str(history.resolve()), "sha256": sha256_of(history),
                    "exchanges": len(contents.exchanges), "feedback": len(contents.feedback),
                    "conversations": len(convs), "malformed_lines": contents.malformed,
                    "usable_exchanges": usable, "only_liked": only_liked, "exclude_disliked": exclude_disliked,
@@ -262,7 +263,7 @@ def prepare_text_data(text_path: str | Path, tokenizer: Tokenizer, directory: st
     dtype = token_dtype(tokenizer.vocab_size)
     manifest = {"format": FORMAT_VERSION, "kind": "text", "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
                 "tokenizer": tokenizer.name, "eot_id": tokenizer.eot_id,
-                "source": {"text": str(text_path.resolve()), "sha256": _sha256(text_path)}, "splits": {}}
+                "source": {"text": str(text_path.resolve()), "sha256": sha256_of(text_path)}, "splits": {}}
     cut = len(ids) - n_val
     for name, part in (("train", ids[:cut]), ("val", ids[cut:])):
         manifest["splits"][name] = write_split(directory, name, [(part, [1] * len(part))], dtype)
@@ -316,11 +317,3 @@ def load_split(directory: str | Path, name: str) -> Split:
     mask = np.memmap(directory / f"{name}.mask.bin", dtype=np.uint8, mode="r")[:n]
     offsets = np.fromfile(directory / f"{name}.offsets.bin", dtype=np.int64)
     return Split(tokens, mask, offsets)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
