@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 
-from backends.reply import reply_stops
+from backends.reply import check_prompt_fits, reply_stops
 
 
 class BackendError(RuntimeError):
@@ -162,8 +162,8 @@ class ChatBackend(ABC):
 class LazyModelBackend(ChatBackend):
     """A backend whose model loads on first use and can be released; shared safely between threads.
 
-    Subclasses implement `_load()`, returning an object with at least a `chat_format` bound to the model's
-    tokenizer (gpt/chat_format.py), which renders and encodes every prompt. A reply under way keeps its own
+    Subclasses implement `_load()`, returning an object with a `context_length` and a `chat_format` bound to
+    the model's tokenizer (gpt/chat_format.py), which renders and encodes every prompt. A reply under way keeps its own
     reference to what was loaded, so `release()` and `reload()` never pull a model from under it.
     """
 
@@ -218,7 +218,27 @@ class LazyModelBackend(ChatBackend):
         """The stops of one reply: `cfg.stop` and the chat format's turn markers (one matcher runs them)."""
         return reply_stops(cfg.stop, (loaded or self._model()).chat_format.stop_strings)
 
-    @staticmethod
-    def _ids(loaded, prompt: str | Sequence[int]) -> list[int]:
-        """Prompt ids as given, or rendered text encoded once by the chat format."""
-        return loaded.chat_format.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+    @property
+    def context_length(self) -> int:
+        return self._model().context_length
+
+    def _prepare(self, prompt: str | Sequence[int], cfg) -> Request:
+        """What every reply starts from: the settings parsed, the model it runs on, the prompt ids (as given, or
+        rendered text encoded once by the chat format) with room for at least one new token, and its stops."""
+        cfg = GenerationConfig.parse(cfg)
+        loaded = self._model()
+        ids = loaded.chat_format.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+        check_prompt_fits(len(ids), loaded.context_length)
+        return Request(loaded, cfg, ids, min(cfg.max_new_tokens, loaded.context_length - len(ids)),
+                       self.reply_stops(cfg, loaded))
+
+
+@dataclass(frozen=True)
+class Request:
+    """One reply to generate (LazyModelBackend._prepare)."""
+
+    loaded: object  # what the backend loaded: its `chat_format`, `context_length` and model
+    cfg: GenerationConfig
+    ids: list[int]  # the prompt
+    limit: int  # the most tokens to generate: max_new_tokens, or what the context has room for
+    stops: tuple[str, ...]  # cfg.stop and the chat format's turn markers

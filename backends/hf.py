@@ -39,7 +39,7 @@ from transformers import (
 
 from backends.base import GenerationConfig, LazyModelBackend
 from backends.hf_loading import ModelSource, load_model_and_tokenizer, resolve_source
-from backends.reply import ReplyStream, StopMatcher, check_prompt_fits
+from backends.reply import ReplyStream, StopMatcher
 from gpt.chat_format import ChatFormat
 from gpt.device import pick_device, pick_dtype
 from gpt.sampling import SamplingParams, counter_uniforms, pick_by_uniform, top_candidates, top_k_of
@@ -97,25 +97,17 @@ class HFBackend(LazyModelBackend):
     def model_name(self) -> str:
         return self.source.description
 
-    @property
-    def context_length(self) -> int:
-        return self._model().context_length
-
     def decode(self, ids: list[int]) -> str:
         return self._model().text.decode(ids)
 
     def stream(self, prompt, cfg=None) -> ReplyStream:
-        cfg = GenerationConfig.parse(cfg)
-        loaded = self._model()
-        ids = self._ids(loaded, prompt)
-        check_prompt_fits(len(ids), loaded.context_length)
-        limit = min(cfg.max_new_tokens, loaded.context_length - len(ids))
-        stops = self.reply_stops(cfg, loaded)
+        request = self._prepare(prompt, cfg)
+        loaded, cfg, ids, limit = request.loaded, request.cfg, request.ids, request.limit
         device = loaded.model.device
 
         def pieces(reply: ReplyStream):
             halt = threading.Event()
-            pump = _ReplyPump(loaded, reply, stops, limit, halt)
+            pump = _ReplyPump(loaded, reply, request.stops, limit, halt)
             failure: list[BaseException] = []
 
             def run():

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.base import BackendError, GenerationConfig, LazyModelBackend
-from backends.reply import ReplyStream, check_prompt_fits, emit_until_stop
+from backends.base import BackendError, LazyModelBackend
+from backends.reply import ReplyStream, emit_until_stop
 from gpt.chat_format import ChatFormat
 from gpt.checkpoint import CheckpointError, load_checkpoint, native_models_dir, resolve_checkpoint
 from gpt.device import pick_device
@@ -44,6 +44,10 @@ class _Loaded:
     chat_format: ChatFormat
     path: Path
     meta: dict
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
 
 
 def _checkpoint_spec(checkpoint) -> str:
@@ -94,20 +98,12 @@ class NativeBackend(LazyModelBackend):
     def model_name(self) -> str:
         return str(self._model().path)
 
-    @property
-    def context_length(self) -> int:
-        return self._model().engine.context_length
-
     def decode(self, ids: list[int]) -> str:
         return self._model().tokenizer.decode(ids)
 
     def stream(self, prompt, cfg=None) -> ReplyStream:
-        cfg = GenerationConfig.parse(cfg)
-        loaded = self._model()
-        ids = self._ids(loaded, prompt)
-        stops = self.reply_stops(cfg, loaded)
-        check_prompt_fits(len(ids), loaded.engine.context_length)
-        limit = min(cfg.max_new_tokens, loaded.engine.context_length - len(ids))
+        request = self._prepare(prompt, cfg)
+        loaded, cfg, ids, limit = request.loaded, request.cfg, request.ids, request.limit
         params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                 repetition_penalty=cfg.repetition_penalty)
 
@@ -126,7 +122,7 @@ class NativeBackend(LazyModelBackend):
                     yield tail
 
             try:
-                yield from emit_until_stop(reply, decoded(), stops)
+                yield from emit_until_stop(reply, decoded(), request.stops)
             finally:
                 tokens.close()  # a stop string or a closed stream ends the model's work right here
             if reply.finish_reason is None:
