@@ -146,6 +146,7 @@ def backend_class(kind: str) -> type[ChatBackend]:
 # --- the app's settings: [app] and [generation], read once ----------------------------------------------------
 
 DEFAULT_HISTORY = "chat_history.jsonl"
+RELEASE_UNUSED_AFTER_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,11 @@ class AppSettings:
 
         settings = AppSettings.load()              # or AppSettings(load_config(path))
         settings.default_backend                   # [app] default_backend, else the first configured backend
-        settings.history, settings.system_prompt, settings.ready_for_finetune
+        settings.history, settings.system_prompt, settings.ready_for_finetune, settings.log_api
+        settings.finetune_config, settings.release_unused_after_s
         settings.generation("smollm2")             # GenerationConfig: what backend "smollm2" starts with
+
+    The size limits of [app] are read by chatapp/limits.py (`Limits.from_config`), which owns them.
     """
 
     config: dict
@@ -188,6 +192,25 @@ class AppSettings:
     @property
     def ready_for_finetune(self) -> int:
         return self.app.get("ready_for_finetune", 10)
+
+    @property
+    def log_api(self) -> bool:
+        """Whether replies to the /v1 API are logged like the page's."""
+        return bool(self.app.get("log_api", True))
+
+    @property
+    def finetune_config(self) -> str | None:
+        """The fine-tune panel's TOML (None: configs/finetune.toml)."""
+        return self.app.get("finetune_config")
+
+    @property
+    def release_unused_after_s(self) -> float:
+        """Idle seconds after which a model no session chose is released (0 keeps it)."""
+        value = self.app.get("release_unused_after_s", RELEASE_UNUSED_AFTER_S)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
+            raise ValueError(f"[app] release_unused_after_s in the config must be a number of seconds >= 0, got "
+                             f"{value!r}: fix it or remove it for the default ({RELEASE_UNUSED_AFTER_S:g}).")
+        return float(value)
 
     def generation(self, key: str | None = None) -> GenerationConfig:
         """The generation settings backend `key` starts with (None: the app-wide [generation] ones)."""

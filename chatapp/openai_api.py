@@ -254,7 +254,7 @@ def openai_routes(service, access: ApiAccess | None = None) -> list[Route]:
     """The /v1 routes for `service` (a chatapp.ui_service.ChatService); `access` says who may call them."""
     access = access or ApiAccess.load()
     turns = _Turns()
-    log_api = bool((service.config.get("app") or {}).get("log_api", True))
+    log_api = service.settings.log_api
 
     def model_entry(key: str) -> dict:
         entry = {"id": key, "object": "model", "created": 0, "owned_by": "nanogpt-chat",
