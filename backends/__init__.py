@@ -1,9 +1,9 @@
 """Backends: one interface (`ChatBackend`) in front of the native engine and Hugging Face transformers.
 
     from backends import create_backend, list_backends, GenerationConfig
-    backend = create_backend("smollm2")            # a key of configs/app.toml, or a kind: native, hf
-    prompt = backend.format_chat([{"role": "user", "content": "What is the capital of France?"}])
-    for piece in backend.stream(prompt, GenerationConfig(temperature=0)):
+    backend = create_backend("smollm2")            # a key of configs/app.toml, or a kind: native, hf, openai
+    ids = backend.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
+    for piece in backend.stream(ids, GenerationConfig(temperature=0)):   # the backend stops at its turn markers
         print(piece, end="", flush=True)
 """
 
