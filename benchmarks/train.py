@@ -21,15 +21,21 @@ import time
 
 import torch
 
-from benchmarks.measure import PeakMemory, hardware_name, median, synchronize
-from gpt.device import peak_flops, pick_device, pick_dtype
+from benchmarks.measure import (
+    PeakMemory,
+    add_device_args,
+    device_and_dtype,
+    hardware_name,
+    median,
+    synchronize,
+)
+from gpt.device import peak_flops
 from gpt.model import GPT, GPTConfig
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the best available)")
-    p.add_argument("--dtype", default="auto", help="bf16 (autocast) or fp32; auto: bf16 on CUDA, fp32 on CPU")
+    add_device_args(p, "bf16 (autocast) or fp32; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--n-layer", type=int, help="layers (default: 12 on CUDA, 4 on CPU)")
     p.add_argument("--n-head", type=int, help="attention heads (default: 12 on CUDA, 4 on CPU)")
     p.add_argument("--n-embd", type=int, help="width (default: 768 on CUDA, 256 on CPU)")
@@ -51,8 +57,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
+        device, dtype = device_and_dtype(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
