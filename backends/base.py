@@ -163,8 +163,8 @@ class LazyModelBackend(ChatBackend):
     """A backend whose model loads on first use and can be released; shared safely between threads.
 
     Subclasses implement `_load()`, returning an object with a `context_length` and a `chat_format` bound to
-    the model's tokenizer (gpt/chat_format.py), which renders and encodes every prompt. A reply under way keeps its own
-    reference to what was loaded, so `release()` and `reload()` never pull a model from under it.
+    the model's tokenizer (gpt/chat_format.py), which renders and encodes every prompt. A reply under way
+    keeps its own reference to what was loaded, so `release()` and `reload()` never pull a model from under it.
     """
 
     def __init__(self):
@@ -223,8 +223,8 @@ class LazyModelBackend(ChatBackend):
         return self._model().context_length
 
     def _prepare(self, prompt: str | Sequence[int], cfg) -> Request:
-        """What every reply starts from: the settings parsed, the model it runs on, the prompt ids (as given, or
-        rendered text encoded once by the chat format) with room for at least one new token, and its stops."""
+        """What every reply starts from: the settings parsed, the model it runs on, the prompt ids (as given,
+        or rendered text encoded once by the chat format) with room for at least one new token, its stops."""
         cfg = GenerationConfig.parse(cfg)
         loaded = self._model()
         ids = loaded.chat_format.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)

@@ -69,7 +69,7 @@ def resolve(config: dict, key: str | None) -> GenerationConfig:
         settings.update(entry.get(GENERATION_TABLE) or {})
     where = f"[backends.{key}.generation] or [generation]" if entry else "[generation]"
     try:
-        return GenerationConfig.parse(settings)  # the one parser: TOML's top_k = 0 means off, lists are tuples
+        return GenerationConfig.parse(settings)  # the one parser (TOML's top_k = 0 means off)
     except (ValueError, TypeError) as exc:
         raise BackendError(f"The generation defaults for {key or 'the app'} are invalid ({exc}): fix {where} "
                            f"in the config.") from None

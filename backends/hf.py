@@ -10,8 +10,8 @@
 Prompts are rendered and encoded by gpt.chat_format.ChatFormat bound to the transformers tokenizer (its chat
 template when it has one, else the same plain-text turns as the native engine). Replies stream from
 `model.generate` in a thread: the reply's one stop matcher runs on that thread right after each token
-(`_ReplyPump`), so generation halts at the token that completes a stop string and only safe text is queued. Every GenerationConfig field maps onto transformers' own logits processors; only the
-final random draw is the native engine's (a uniform number hashed from (seed, step), gpt/sampling.py): the
+(`_ReplyPump`), so generation halts at the token that completes a stop string and only safe text is queued.
+Every GenerationConfig field maps onto transformers' own logits processors; only the final random draw is the native engine's (a uniform number hashed from (seed, step), gpt/sampling.py): the
 seed is private to the call (`torch.manual_seed` is process-wide, and two sessions sampling at once would
 otherwise share one random stream), and the same seed gives the same reply in both engines.
 Generation halts at the token that completes a stop string, at end-of-text, or when the consumer closes

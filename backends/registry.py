@@ -178,7 +178,8 @@ class AppSettings:
         configured = list(self.config.get("backends") or {})
         key = self.app.get("default_backend") or (configured[0] if configured else None)
         if key is None:
-            raise BackendError("The config has no backends: add a [backends.KEY] section (see configs/app.toml).")
+            raise BackendError("The config has no backends: add a [backends.KEY] section (see "
+                               "configs/app.toml).")
         return key
 
     @property
@@ -208,8 +209,8 @@ class AppSettings:
         """Idle seconds after which a model no session chose is released (0 keeps it)."""
         value = self.app.get("release_unused_after_s", RELEASE_UNUSED_AFTER_S)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
-            raise ValueError(f"[app] release_unused_after_s in the config must be a number of seconds >= 0, got "
-                             f"{value!r}: fix it or remove it for the default ({RELEASE_UNUSED_AFTER_S:g}).")
+            raise ValueError(f"[app] release_unused_after_s in the config must be a number of seconds >= 0, "
+                             f"got {value!r}: fix it or remove it for the default ({RELEASE_UNUSED_AFTER_S:g}).")
         return float(value)
 
     def generation(self, key: str | None = None) -> GenerationConfig:

@@ -104,7 +104,8 @@ def _split(messages: list[dict], system_prompt: str | None) -> tuple[str | None,
     for m in messages:
         role, content = m.get("role"), m.get("content", "")
         if not isinstance(content, str):
-            raise TypeError(f"message content must be text (normalise it at the edge), got {type(content).__name__}")
+            raise TypeError(f"message content must be text (normalise it at the edge), got "
+                            f"{type(content).__name__}")
         if role == "system":
             if system_prompt is None:
                 system_prompt = content

@@ -67,8 +67,8 @@ class ChatFormat:
         if not template:
             return cls(**bound)
         return cls(chat_template=template, special_tokens=tuple(getattr(tokenizer, "special_tokens", {})),
-                   bos_token=getattr(tokenizer, "bos_token", None), eos_token=getattr(tokenizer, "eos_token", None),
-                   **bound)
+                   bos_token=getattr(tokenizer, "bos_token", None),
+                   eos_token=getattr(tokenizer, "eos_token", None), **bound)
 
     @property
     def uses_template(self) -> bool:
