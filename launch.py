@@ -124,23 +124,22 @@ def read_logins(args: argparse.Namespace) -> list[tuple[str, str]] | None:
 def build(args: argparse.Namespace):
     """The app for these flags; FlagError if the config, backend or chat log cannot work."""
     from backends import BackendError
-    from backends.registry import load_config
-    from chatapp.history import ChatLog, ChatLogError
+    from backends.registry import AppSettings
     from chatapp.openai_api import ApiAccess
     from chatapp.ui import build_app
+    from gpt.chatlog import ChatLog, ChatLogError
 
     try:
-        config = load_config(args.config)
+        settings = AppSettings.load(args.config)
     except (BackendError, ValueError, OSError) as exc:
         raise FlagError(f"Cannot read the config: {exc}") from None
-    app = config.get("app") or {}
-    history = args.history or app.get("history") or "chat_history.jsonl"
+    history = args.history or settings.history
     try:
         # Reachable from other machines behind a login: the API needs keys too (--insecure-no-auth opts out).
         access = ApiAccess.load(args.api_key_file, required=(not is_loopback(args.host) or args.share)
                                 and not args.insecure_no_auth)
         ChatLog(history).check_writable()
-        return build_app(config, history, args.backend, api_access=access)
+        return build_app(settings.config, history, args.backend, api_access=access)
     except (BackendError, ValueError, ChatLogError) as exc:
         raise FlagError(str(exc)) from None
 

@@ -27,16 +27,6 @@ HF_FILE = "generation_config.json"
 HF_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
-def table_settings(table: dict | None) -> dict:
-    """A TOML generation table as GenerationConfig fields (TOML has no null: top_k = 0 means off)."""
-    settings = dict(table or {})
-    if settings.get("top_k") == 0:
-        settings["top_k"] = None
-    if isinstance(settings.get("stop"), list):
-        settings["stop"] = tuple(settings["stop"])
-    return settings
-
-
 def hf_file_settings(directory: Path) -> dict:
     """The fields a model directory's generation_config.json sets; {} when it has none or it is unreadable."""
     path = Path(directory) / HF_FILE
@@ -47,8 +37,6 @@ def hf_file_settings(directory: Path) -> dict:
     if not isinstance(data, dict):
         return {}
     settings = {k: data[k] for k in HF_KEYS if data.get(k) is not None}
-    if settings.get("top_k") == 0:
-        settings["top_k"] = None
     if data.get("do_sample") is False:
         settings["temperature"] = 0.0  # transformers' meaning: greedy, whatever temperature says
     return settings
@@ -71,21 +59,17 @@ def model_directory(kind: str, settings: dict) -> Path | None:
 
 def resolve(config: dict, key: str | None) -> GenerationConfig:
     """The defaults for backend `key` (a configured key, a bare kind, or None for the app-wide ones)."""
-    settings = table_settings(config.get("generation"))
+    settings = dict(config.get("generation") or {})
     entry = (config.get("backends") or {}).get(key) if key else None
     kind = entry.get("kind") if isinstance(entry, dict) else key
     directory = model_directory(kind, entry or {}) if kind in ("native", "hf") else None
     if directory is not None:
         settings.update(hf_file_settings(directory))
     if isinstance(entry, dict):
-        settings.update(table_settings(entry.get(GENERATION_TABLE)))
-    unknown = sorted(set(settings) - set(GenerationConfig.field_names()))
+        settings.update(entry.get(GENERATION_TABLE) or {})
     where = f"[backends.{key}.generation] or [generation]" if entry else "[generation]"
-    if unknown:
-        raise BackendError(f"Unknown generation setting(s) {', '.join(unknown)} in {where}: use "
-                           f"{', '.join(GenerationConfig.field_names())}.")
     try:
-        return GenerationConfig(**settings)
-    except ValueError as exc:
+        return GenerationConfig.parse(settings)  # the one parser (TOML's top_k = 0 means off)
+    except (ValueError, TypeError) as exc:
         raise BackendError(f"The generation defaults for {key or 'the app'} are invalid ({exc}): fix {where} "
                            f"in the config.") from None

@@ -5,12 +5,13 @@
     backend = create_backend("hf", model="gpt2")                    # hub id (cached, or online)
     backend = create_backend("hf", model="path/to/dir")             # a save_pretrained directory
     backend = create_backend("hf", gguf_file="path/to/model.gguf")  # dequantised by transformers, then cached
-    print(backend.generate(backend.format_chat([{"role": "user", "content": "Hi"}]), GenerationConfig()))
+    print(backend.generate(backend.prompt_ids([{"role": "user", "content": "Hi"}]), GenerationConfig()))
 
-Prompts are rendered by gpt.chat_format.ChatFormat (the tokenizer's chat template when it has one, else the
-same plain-text turns as the native engine). Replies stream from `model.generate` in a thread through a
-`TextIteratorStreamer`. Every GenerationConfig field maps onto transformers' own logits processors; only the
-final random draw is the native engine's (a uniform number hashed from (seed, step), gpt/sampling.py): the
+Prompts are rendered and encoded by gpt.chat_format.ChatFormat bound to the transformers tokenizer (its chat
+template when it has one, else the same plain-text turns as the native engine). Replies stream from
+`model.generate` in a thread: the reply's one stop matcher runs on that thread right after each token
+(`_ReplyPump`), so generation halts at the token that completes a stop string and only safe text is queued.
+Every GenerationConfig field maps onto transformers' own logits processors; only the final random draw is the native engine's (a uniform number hashed from (seed, step), gpt/sampling.py): the
 seed is private to the call (`torch.manual_seed` is process-wide, and two sessions sampling at once would
 otherwise share one random stream), and the same seed gives the same reply in both engines.
 Generation halts at the token that completes a stop string, at end-of-text, or when the consumer closes
@@ -19,8 +20,10 @@ the stream.
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
@@ -30,22 +33,17 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
-    TextIteratorStreamer,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
 from backends.base import GenerationConfig, LazyModelBackend
 from backends.hf_loading import ModelSource, load_model_and_tokenizer, resolve_source
-from backends.reply import ReplyStream, as_generation_config, check_prompt_fits, emit_until_stop
-from backends.stops import StopMatcher
+from backends.reply import ReplyStream, StopMatcher
 from gpt.chat_format import ChatFormat
 from gpt.device import pick_device, pick_dtype
 from gpt.sampling import SamplingParams, counter_uniforms, pick_by_uniform, top_candidates, top_k_of
-from gpt.tokenizer import IncrementalDecoder
-
-# End-of-turn tokens of common chat models, besides the tokenizer's own eos.
-END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+from gpt.tokenizer import END_OF_TURN_TOKENS, IncrementalDecoder
 
 
 class _TextDecoder:
@@ -83,7 +81,9 @@ class HFBackend(LazyModelBackend):
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
         specials = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
         chat_format = ChatFormat(chat_template=template, special_tokens=tuple(sorted(specials)),
-                                 bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+                                 bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                                 encode_text=partial(_encode, tokenizer, True),
+                                 encode_special=partial(_encode, tokenizer, False), eot_id=tokenizer.eos_token_id)
         # Plain-format prompts are all text: a typed <|endoftext|> must not become the special token.
         tokenizer.split_special_tokens = not chat_format.uses_template
         config = model.config
@@ -97,30 +97,17 @@ class HFBackend(LazyModelBackend):
     def model_name(self) -> str:
         return self.source.description
 
-    @property
-    def context_length(self) -> int:
-        return self._model().context_length
-
-
-
-    def _encode(self, loaded: _Loaded, text: str) -> list[int]:
-        split = not loaded.chat_format.uses_template
-        return list(loaded.tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"])
-
     def decode(self, ids: list[int]) -> str:
         return self._model().text.decode(ids)
 
-    def stream(self, prompt: str, cfg=None) -> ReplyStream:
-        cfg = as_generation_config(cfg)
-        loaded = self._model()
-        ids = self._encode(loaded, prompt)
-        check_prompt_fits(len(ids), loaded.context_length)
-        limit = min(cfg.max_new_tokens, loaded.context_length - len(ids))
+    def stream(self, prompt, cfg=None) -> ReplyStream:
+        request = self._prepare(prompt, cfg)
+        loaded, cfg, ids, limit = request.loaded, request.cfg, request.ids, request.limit
         device = loaded.model.device
 
         def pieces(reply: ReplyStream):
             halt = threading.Event()
-            streamer = _ReplyStreamer(loaded, reply)
+            pump = _ReplyPump(loaded, reply, request.stops, limit, halt)
             failure: list[BaseException] = []
 
             def run():
@@ -130,25 +117,32 @@ class HFBackend(LazyModelBackend):
                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                         generation_config=_hf_generation_config(loaded, cfg, limit),
                         logits_processor=_sampling_processors(cfg, device),
-                        stopping_criteria=StoppingCriteriaList([_StopWatch(loaded, cfg.stop, halt)]),
-                        streamer=streamer)
+                        stopping_criteria=StoppingCriteriaList([pump]))
                 except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread below
                     failure.append(e)
-                    streamer.end()
+                finally:
+                    pump.finish()
 
             thread = threading.Thread(target=run, name=f"{self.name}-generate", daemon=True)
             thread.start()
             try:
-                yield from emit_until_stop(reply, streamer, cfg.stop)
+                while (piece := pump.pieces.get()) is not _ReplyPump.END:
+                    yield piece
             finally:
-                halt.set()  # a stop string or a closed stream: the model stops after its current token
+                halt.set()  # a closed stream: the model stops after its current token
                 thread.join()
             if failure:
                 raise failure[0]
-            if reply.finish_reason is None:
-                reply.finish_reason = "eot" if streamer.saw_eot or reply.n_tokens < limit else "length"
+            if pump.matcher.stopped:
+                reply.finish_reason = "stop"
+            elif reply.finish_reason is None:
+                reply.finish_reason = "eot" if pump.saw_eot or reply.n_tokens < limit else "length"
 
         return ReplyStream(pieces)
+
+
+def _encode(tokenizer, split_special: bool, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=split_special)["input_ids"])
 
 
 def _stop_ids(model, tokenizer) -> frozenset[int]:
@@ -159,7 +153,7 @@ def _stop_ids(model, tokenizer) -> frozenset[int]:
         elif isinstance(candidate, (list, tuple)):
             ids.update(int(i) for i in candidate)
     added = tokenizer.added_tokens_encoder
-    ids.update(added[text] for text in END_TOKENS if text in added)
+    ids.update(added[text] for text in END_OF_TURN_TOKENS if text in added)
     return frozenset(ids)
 
 
@@ -208,44 +202,40 @@ class _SeededSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
 
 
-class _StopWatch(StoppingCriteria):
-    """Ends generation at the token that completes a stop string, or once `halt` is set (the consumer closed
-    the stream). transformers calls this right after appending each token, before streaming it."""
+class _ReplyPump(StoppingCriteria):
+    """A reply's one stop matcher, on the generating thread: transformers calls it right after appending each
+    token, so it records the id, decodes it, queues the text that is safe to show (`pieces`), and ends
+    generation at the token that completes a stop string, at end-of-text, or once `halt` is set (the consumer
+    closed the stream). Tokens past the end (a deferred stop check runs one extra step) are ignored."""
 
-    def __init__(self, loaded: _Loaded, stops: tuple[str, ...], halt: threading.Event):
-        self.stop_ids = loaded.stop_ids
-        self.halt = halt
-        self._text = IncrementalDecoder(loaded.text)
-        self._stops = StopMatcher(stops)
+    END = object()
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        token = int(input_ids[0, -1])
-        if self._stops.stops and token not in self.stop_ids:
-            self._stops.push(self._text.push(token))
-        done = self._stops.stopped or self.halt.is_set()
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
-class _ReplyStreamer(TextIteratorStreamer):
-    """TextIteratorStreamer that records the generated ids and leaves end-of-text ids out of the text."""
-
-    def __init__(self, loaded: _Loaded, reply: ReplyStream):
-        super().__init__(loaded.tokenizer, skip_prompt=True, skip_special_tokens=False,
-                         clean_up_tokenization_spaces=False)
-        self.reply = reply
-        self.stop_ids = loaded.stop_ids
+    def __init__(self, loaded: _Loaded, reply: ReplyStream, stops: tuple[str, ...], limit: int,
+                 halt: threading.Event):
+        self.stop_ids, self.reply, self.limit, self.halt = loaded.stop_ids, reply, limit, halt
+        self.text = IncrementalDecoder(loaded.text)
+        self.matcher = StopMatcher(stops)
+        self.pieces: queue.SimpleQueue = queue.SimpleQueue()
         self.saw_eot = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if self.next_tokens_are_prompt:
-            self.next_tokens_are_prompt = False
-            return
-        kept = []
-        for token in value.reshape(-1).tolist():
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        if not (self.saw_eot or self.matcher.stopped or self.reply.n_tokens >= self.limit):
+            token = int(input_ids[0, -1])
             if token in self.stop_ids:
                 self.saw_eot = True
-                break
-            kept.append(token)
-        if kept:
-            self.reply.token_ids.extend(kept)
-            super().put(torch.tensor(kept))
+            else:
+                self.reply.token_ids.append(token)
+                self._put(self.matcher.push(self.text.push(token)))
+        done = self.saw_eot or self.matcher.stopped or self.halt.is_set()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    def finish(self) -> None:
+        """Generation ended: release what the decoder and the matcher still hold, then the end mark."""
+        if not self.matcher.stopped:
+            self._put(self.matcher.push(self.text.flush()))
+            self._put(self.matcher.flush())
+        self.pieces.put(self.END)
+
+    def _put(self, text: str) -> None:
+        if text:
+            self.pieces.put(text)

@@ -24,9 +24,9 @@ import torch
 
 from backends.base import BackendError
 from gpt.assets import GPT2_BPE, REPO_ROOT, SMOLLM2_GGUF, AssetMissing, asset_path, sha256_of
+from gpt.tokenizer import GPT2_EOT
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-GPT2_EOT = "<|endoftext|>"
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@
     backend = create_backend("native")                                # newest checkpoint under models/native/
     backend = create_backend("native", checkpoint="models/native/my-run", device="cpu", dtype="fp32")
     backend = create_backend("native", weights="int8")                # int8 / bf16 / fp32 weights (gpt/quantize.py)
-    prompt = backend.format_chat([{"role": "user", "content": "Hi"}])
-    print(backend.generate(prompt, GenerationConfig(temperature=0)))
+    ids = backend.prompt_ids([{"role": "user", "content": "Hi"}])   # rendered and encoded once
+    print(backend.generate(ids, GenerationConfig(temperature=0)))
 
 The model loads on first use. One backend serves many chat sessions at once: every reply is a request
 to the engine's scheduler (gpt/scheduler.py), whose one thread decodes all live replies as one batch,
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.base import BackendError, LazyModelBackend
-from backends.reply import ReplyStream, as_generation_config, check_prompt_fits, emit_until_stop
+from backends.reply import ReplyStream, emit_until_stop
 from gpt.chat_format import ChatFormat
 from gpt.checkpoint import CheckpointError, load_checkpoint, native_models_dir, resolve_checkpoint
 from gpt.device import pick_device
@@ -44,6 +44,10 @@ class _Loaded:
     chat_format: ChatFormat
     path: Path
     meta: dict
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
 
 
 def _checkpoint_spec(checkpoint) -> str:
@@ -88,37 +92,18 @@ class NativeBackend(LazyModelBackend):
 
     def reload(self) -> Path:
         """Resolve the checkpoint spec again (`latest` may be newer now) and load it; returns its path."""
-        loaded = self._load()
-        with self._lock:
-            self._loaded = loaded
-        return loaded.path
+        return super().reload().path
 
     @property
     def model_name(self) -> str:
         return str(self._model().path)
 
-    @property
-    def context_length(self) -> int:
-        return self._model().engine.context_length
-
-
-
-    def _encode(self, loaded: _Loaded, text: str) -> list[int]:
-        # A template's prompt carries real special tokens (message contents were escaped when rendering);
-        # the plain format never does, so a user typing <|endoftext|> stays text.
-        if loaded.chat_format.uses_template:
-            return loaded.tokenizer.encode_markup(text)
-        return loaded.tokenizer.encode(text)
-
     def decode(self, ids: list[int]) -> str:
         return self._model().tokenizer.decode(ids)
 
-    def stream(self, prompt: str, cfg=None) -> ReplyStream:
-        cfg = as_generation_config(cfg)
-        loaded = self._model()
-        ids = self._encode(loaded, prompt)
-        check_prompt_fits(len(ids), loaded.engine.context_length)
-        limit = min(cfg.max_new_tokens, loaded.engine.context_length - len(ids))
+    def stream(self, prompt, cfg=None) -> ReplyStream:
+        request = self._prepare(prompt, cfg)
+        loaded, cfg, ids, limit = request.loaded, request.cfg, request.ids, request.limit
         params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                 repetition_penalty=cfg.repetition_penalty)
 
@@ -137,7 +122,7 @@ class NativeBackend(LazyModelBackend):
                     yield tail
 
             try:
-                yield from emit_until_stop(reply, decoded(), cfg.stop)
+                yield from emit_until_stop(reply, decoded(), request.stops)
             finally:
                 tokens.close()  # a stop string or a closed stream ends the model's work right here
             if reply.finish_reason is None:

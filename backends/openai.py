@@ -7,8 +7,9 @@
 
 The server applies its own chat template, so this backend takes messages (`takes_messages`): the chat loop
 sends it the messages its budget kept, through `stream_messages`. `format_chat` renders them in a ChatML
-shape only so the budget can count them, and `stream(prompt)` turns such a rendering back into messages
-(any other text goes as one user message), so the plain `ChatBackend` contract holds too.
+shape only so the budget can count them (`prompt_ids`), and `stream(prompt)` turns such a rendering (as text
+or as those ids) back into messages (any other text goes as one user message), so the plain `ChatBackend`
+contract holds too.
 
 Context length: the `context_length` option, else what the server's /v1/models reports for the model
 (vLLM's and this app's `max_model_len`, llama.cpp's `meta.n_ctx_train`, or `context_length`), else
@@ -16,7 +17,10 @@ DEFAULT_CONTEXT (also for a server with no /v1/models, such as older TGI). Token
 rendering (whose markers count ~15 tokens a message where real templates spend ~5), and the budget keeps
 BUDGET_SHARE of the context, leaving the rest as slack for tokenizers that split text finer than GPT-2's.
 Sampling: max_tokens, temperature, top_p, seed and stop are sent; top_k and repetition_penalty are not
-part of OpenAI's API, so the server's own settings apply. Stop strings are also enforced here.
+part of OpenAI's API, so the server's own settings apply. Stop strings are also enforced here, by the
+reply's one matcher (the server's template ends turns with its own tokens, so there are no markers to add).
+The reply's token count is the server's `usage.completion_tokens`, else the number of streamed deltas (a
+server sends one a token).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import threading
 from collections.abc import Iterator
 
 from backends.base import BackendError, ChatBackend, GenerationConfig
-from backends.reply import ReplyStream, as_generation_config, emit_until_stop
+from backends.reply import ReplyStream, emit_until_stop
 
 DEFAULT_CONTEXT = 4096  # when neither the config nor the server says
 BUDGET_SHARE = 0.9  # of the context, for the estimated token counts
@@ -37,13 +41,14 @@ _CUE = "<|im_start|>assistant\n"
 
 
 class RemoteReply(ReplyStream):
-    """A ReplyStream whose token count is the server's (`usage.completion_tokens`), when it reports one."""
+    """A ReplyStream whose token count is the server's (`usage.completion_tokens`), else its deltas counted."""
 
     completion_tokens: int | None = None
+    deltas: int = 0
 
     @property
-    def n_tokens(self) -> int | None:
-        return self.completion_tokens
+    def n_tokens(self) -> int:
+        return self.deltas if self.completion_tokens is None else self.completion_tokens
 
 
 class OpenAIBackend(ChatBackend):
@@ -174,12 +179,14 @@ class OpenAIBackend(ChatBackend):
         return "".join(f"<|im_start|>{m['role']}\n{_escape(m['content'])}<|im_end|>\n" for m in messages) + _CUE
 
     # --- generation -----------------------------------------------------------------------------------
-    def stream(self, prompt: str, cfg: GenerationConfig) -> RemoteReply:
+    def stream(self, prompt, cfg: GenerationConfig) -> RemoteReply:
+        if not isinstance(prompt, str):  # prompt_ids: GPT-2 BPE decodes them back to the exact rendering
+            prompt = self.decode(list(prompt))
         return self.stream_messages(_parse(prompt), cfg)
 
     def stream_messages(self, messages: list[dict], cfg: GenerationConfig) -> RemoteReply:
         """Stream the server's reply to `messages` ([{"role", "content": str}]); stops never leak."""
-        cfg = as_generation_config(cfg)
+        cfg = GenerationConfig.parse(cfg)
         body = {"model": self.model_name, "stream": True, "stream_options": {"include_usage": True},
                 "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
                 "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
@@ -219,6 +226,7 @@ class OpenAIBackend(ChatBackend):
                         reply.finish_reason = "length" if choice["finish_reason"] == "length" else "eot"
                     text = (choice.get("delta") or {}).get("content")
                     if text:
+                        reply.deltas += 1
                         yield text
         except BackendError:
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -140,3 +141,78 @@ def backend_class(kind: str) -> type[ChatBackend]:
 
         return OpenAIBackend
     raise BackendError(f"Unknown backend kind {kind!r}: use one of {', '.join(KINDS)}.")
+
+
+# --- the app's settings: [app] and [generation], read once ----------------------------------------------------
+
+DEFAULT_HISTORY = "chat_history.jsonl"
+RELEASE_UNUSED_AFTER_S = 600.0
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The [app] settings every entry point starts from (the web app, the console chat), with one set of
+    fallbacks, and each backend's generation defaults ([generation] + the model's file + its entry):
+
+        settings = AppSettings.load()              # or AppSettings(load_config(path))
+        settings.default_backend                   # [app] default_backend, else the first configured backend
+        settings.history, settings.system_prompt, settings.ready_for_finetune, settings.log_api
+        settings.finetune_config, settings.release_unused_after_s
+        settings.generation("smollm2")             # GenerationConfig: what backend "smollm2" starts with
+
+    The size limits of [app] are read by chatapp/limits.py (`Limits.from_config`), which owns them.
+    """
+
+    config: dict
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> AppSettings:
+        return cls(load_config(path))
+
+    @property
+    def app(self) -> dict:
+        return self.config.get("app") or {}
+
+    @property
+    def default_backend(self) -> str:
+        configured = list(self.config.get("backends") or {})
+        key = self.app.get("default_backend") or (configured[0] if configured else None)
+        if key is None:
+            raise BackendError("The config has no backends: add a [backends.KEY] section (see "
+                               "configs/app.toml).")
+        return key
+
+    @property
+    def history(self) -> str:
+        return self.app.get("history") or DEFAULT_HISTORY
+
+    @property
+    def system_prompt(self) -> str:
+        return self.app.get("system_prompt") or ""  # "" means none
+
+    @property
+    def ready_for_finetune(self) -> int:
+        return self.app.get("ready_for_finetune", 10)
+
+    @property
+    def log_api(self) -> bool:
+        """Whether replies to the /v1 API are logged like the page's."""
+        return bool(self.app.get("log_api", True))
+
+    @property
+    def finetune_config(self) -> str | None:
+        """The fine-tune panel's TOML (None: configs/finetune.toml)."""
+        return self.app.get("finetune_config")
+
+    @property
+    def release_unused_after_s(self) -> float:
+        """Idle seconds after which a model no session chose is released (0 keeps it)."""
+        value = self.app.get("release_unused_after_s", RELEASE_UNUSED_AFTER_S)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
+            raise ValueError(f"[app] release_unused_after_s in the config must be a number of seconds >= 0, "
+                             f"got {value!r}: fix it or remove it for the default ({RELEASE_UNUSED_AFTER_S:g}).")
+        return float(value)
+
+    def generation(self, key: str | None = None) -> GenerationConfig:
+        """The generation settings backend `key` starts with (None: the app-wide [generation] ones)."""
+        return generation_defaults(self.config, key)

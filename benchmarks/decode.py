@@ -33,8 +33,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.measure import PeakMemory, copy_bandwidth, hardware_name, median, weight_bytes
-from gpt.device import pick_device, pick_dtype
+from benchmarks.measure import (
+    PeakMemory,
+    add_device_args,
+    copy_bandwidth,
+    device_and_dtype,
+    hardware_name,
+    median,
+    weight_bytes,
+)
 from gpt.engine import Engine
 from gpt.model import GPT, GPTConfig
 from gpt.quantize import apply_weight_format, resolve_weight_format
@@ -189,8 +196,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("gpt2-124m", "smollm2"), default="gpt2-124m",
                    help="gpt2-124m: seeded random GPT-2-124M-shaped weights; smollm2: the converted bundled model")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the best available)")
-    p.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16; auto: fp32 on CPU, bf16 on CUDA")
+    add_device_args(p)
     p.add_argument("--weights", default="auto", choices=("auto", "int8", "bf16", "fp32"),
                    help="native weight format (transformers stays in --dtype); auto: int8 on CPU unless --dtype "
                         "is given, else --dtype's own")
@@ -216,8 +222,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
+        device, dtype = device_and_dtype(args)
         weights, native_dtype = resolve_weight_format(args.weights, device, args.dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Measuring tools the benchmarks share: copy bandwidth, peak memory of a run, weight bytes, CPU/GPU names.
 
-Not a benchmark itself; `benchmarks.decode` and `benchmarks.train` import it.
+Not a benchmark itself; `benchmarks.decode`, `benchmarks.serve` and `benchmarks.train` import it, also for
+their shared --device / --dtype flags (`add_device_args`, `device_and_dtype`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,22 @@ import threading
 import time
 
 import torch
+
+from gpt.device import pick_device, pick_dtype
+
+DTYPE_HELP = "fp32, bf16 or fp16; auto: fp32 on CPU, bf16 on CUDA"
+
+
+def add_device_args(parser, dtype_help: str = DTYPE_HELP) -> None:
+    """The --device and --dtype flags every benchmark takes."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (the best available)")
+    parser.add_argument("--dtype", default="auto", help=dtype_help)
+
+
+def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype those flags name; ValueError says which value is wrong."""
+    device = pick_device(args.device)
+    return device, pick_dtype(args.dtype, device)
 
 
 def synchronize(device: torch.device) -> None:

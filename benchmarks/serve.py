@@ -30,8 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from benchmarks.decode import SHAPE_124M, build_models, prompt_ids
-from benchmarks.measure import hardware_name, synchronize
-from gpt.device import pick_device, pick_dtype
+from benchmarks.measure import add_device_args, device_and_dtype, hardware_name, synchronize
 from gpt.engine import Engine
 from gpt.sampling import SamplingParams
 
@@ -139,8 +138,7 @@ def parse_args(argv):
     p.add_argument("--model", choices=("gpt2-shape", "smollm2"), default="gpt2-shape",
                    help="gpt2-shape: seeded random GPT-2-124M-shaped weights (no tokenizer needed); "
                         "smollm2: the converted bundled model")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the best available)")
-    p.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16; auto: fp32 on CPU, bf16 on CUDA")
+    add_device_args(p)
     p.add_argument("--streams", default="1,2,4,8,16", help="comma-separated numbers of concurrent streams")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128, help="ids each stream reads (no stop id)")
@@ -173,8 +171,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
+        device, dtype = device_and_dtype(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

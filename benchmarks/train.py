@@ -21,23 +21,21 @@ import time
 
 import torch
 
-from benchmarks.measure import PeakMemory, hardware_name, median, synchronize
-from gpt.device import pick_device, pick_dtype
+from benchmarks.measure import (
+    PeakMemory,
+    add_device_args,
+    device_and_dtype,
+    hardware_name,
+    median,
+    synchronize,
+)
+from gpt.device import peak_flops
 from gpt.model import GPT, GPTConfig
-
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
-
-
-def gpu_peak_tflops(device: torch.device) -> float | None:
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the best available)")
-    p.add_argument("--dtype", default="auto", help="bf16 (autocast) or fp32; auto: bf16 on CUDA, fp32 on CPU")
+    add_device_args(p, "bf16 (autocast) or fp32; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--n-layer", type=int, help="layers (default: 12 on CUDA, 4 on CPU)")
     p.add_argument("--n-head", type=int, help="attention heads (default: 12 on CUDA, 4 on CPU)")
     p.add_argument("--n-embd", type=int, help="width (default: 768 on CUDA, 256 on CPU)")
@@ -59,8 +57,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
+        device, dtype = device_and_dtype(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -109,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t)
     dt = median(times)
     tokens = batch * block
-    peak = args.peak_tflops or (gpu_peak_tflops(device) if gpu else None)
+    known = peak_flops(device)  # None off CUDA or for a GPU without a listed peak
+    peak = args.peak_tflops or (known / 1e12 if known else None)
     result = {
         "device": device.type, "hardware": hardware_name(device), "dtype": str(dtype).replace("torch.", ""),
         "compile": args.compile, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,

@@ -2,7 +2,8 @@
 
     from chatapp.budget import build_prompt
     p = build_prompt(backend, messages, max_new_tokens=128, system_prompt="You are helpful.")
-    p.text; p.n_tokens; p.dropped; p.truncated   # p.n_tokens + 128 <= backend.context_length
+    p.ids; p.n_tokens; p.dropped; p.truncated    # p.n_tokens == len(p.ids); p.n_tokens + 128 <= context
+    p.text                                        # the same prompt as text, for people
     p.messages                                    # the kept messages, for a backend that takes messages
 
 Rules, in order:
@@ -12,9 +13,11 @@ Rules, in order:
    marked truncated;
 4. if not even the system prompt and the assistant's cue fit, a ValueError says what to change.
 
-Token counts are never estimated: every candidate is rendered with `backend.format_chat` and counted with
-`backend.encode`, because BPE merges across turn boundaries and chat templates add tokens of their own.
-Bisection keeps the number of encodes logarithmic in the number of turns and in the message length.
+Token counts are never estimated: every candidate is rendered and encoded by `backend.prompt_ids` (the
+model's chat format), because BPE merges across turn boundaries and chat templates add tokens of their own;
+the ids of the chosen candidate are what the backend is sent (`backend.stream(p.ids, cfg)`), so the prompt
+is never encoded a second time. Bisection keeps the number of renderings logarithmic in the number of turns
+and in the message length. Messages are plain {"role", "content": str} (the edges normalise them).
 """
 
 from __future__ import annotations
@@ -22,25 +25,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gpt.chat_format import message_text
-
 
 @dataclass(frozen=True)
 class Prompt:
-    text: str  # exactly what the backend is asked to continue
-    n_tokens: int  # len(backend.encode(text))
+    text: str  # the prompt as text (backend.format_chat of `messages`), for people and logs
+    n_tokens: int  # len(ids)
     dropped: int  # how many older messages were left out to make room
     truncated: bool  # the newest message lost its beginning
-    # What `text` renders, as plain {"role", "content"} messages: a backend with `takes_messages` is sent these
-    # (the server applies its own chat template), while the budget counted their rendering.
+    # What the prompt renders, as plain {"role", "content"} messages: a backend with `takes_messages` is sent
+    # these (the server applies its own chat template), while the budget counted their rendering.
     messages: tuple[dict, ...] = ()
+    ids: tuple[int, ...] = ()  # exactly what the backend is asked to continue
 
 
 def build_prompt(backend, messages: list[dict], max_new_tokens: int, system_prompt: str | None = None) -> Prompt:
     """The prompt for `messages` (the last one is the user's new message) that leaves `max_new_tokens` free.
 
-    `messages` are {"role": "user"|"assistant", "content": str or a list of text blocks}. A "system" message
-    among them is used as the system prompt when `system_prompt` is None.
+    `messages` are {"role": "user"|"assistant", "content": str}. A "system" message among them is used as the
+    system prompt when `system_prompt` is None.
     """
     context = backend.context_length
     limit = context - max_new_tokens  # the most tokens the prompt may have
@@ -51,27 +53,29 @@ def build_prompt(backend, messages: list[dict], max_new_tokens: int, system_prom
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
     turns = _turns(history)
 
-    measured: dict[tuple[int, int], tuple[str, int]] = {}
+    measured: dict[tuple[int, int], list[int]] = {}
     sent: dict[tuple[int, int], tuple[dict, ...]] = {}
 
-    def measure(drop: int, keep: int) -> tuple[str, int]:
-        """Prompt without the `drop` oldest turns and with the last `keep` characters of the newest message."""
+    def measure(drop: int, keep: int) -> int:
+        """Tokens of the prompt without the `drop` oldest turns and with the last `keep` characters of the
+        newest message."""
         if (drop, keep) not in measured:
             kept = [m for turn in turns[drop:] for m in turn]
             last = newest[len(newest) - keep:] if keep else ""
             sent[drop, keep] = (*head, *kept, {"role": "user", "content": last})
-            text = backend.format_chat(list(sent[drop, keep]))
-            measured[drop, keep] = text, len(backend.encode(text))
-        return measured[drop, keep]
+            measured[drop, keep] = backend.prompt_ids(list(sent[drop, keep]))
+        return len(measured[drop, keep])
 
     def prompt(drop: int, keep: int, dropped: int, truncated: bool) -> Prompt:
-        return Prompt(*measure(drop, keep), dropped=dropped, truncated=truncated, messages=sent[drop, keep])
+        ids, messages = measured[drop, keep], sent[drop, keep]
+        return Prompt(backend.format_chat(list(messages)), len(ids), dropped=dropped, truncated=truncated,
+                      messages=messages, ids=tuple(ids))
 
     def fits(drop: int, keep: int) -> bool:
-        return measure(drop, keep)[1] <= limit
+        return measure(drop, keep) <= limit
 
     whole = len(newest)
-    # Fast path: the whole conversation fits (one encode).
+    # Fast path: the whole conversation fits (one rendering).
     if fits(0, whole):
         return prompt(0, whole, 0, False)
 
@@ -83,7 +87,7 @@ def build_prompt(backend, messages: list[dict], max_new_tokens: int, system_prom
 
     # Even the newest message alone is too long: keep as much of its end as fits.
     if not fits(len(turns), 0):
-        raise ValueError(f"The system prompt and chat format take {measure(len(turns), 0)[1]} tokens, which leaves "
+        raise ValueError(f"The system prompt and chat format take {measure(len(turns), 0)} tokens, which leaves "
                          f"no room in the model's context of {context} tokens with max_new_tokens="
                          f"{max_new_tokens}: shorten the system prompt or lower max_new_tokens.")
     upper = min(whole, _chars_for_last_tokens(backend, newest, limit))
@@ -98,8 +102,10 @@ def _split(messages: list[dict], system_prompt: str | None) -> tuple[str | None,
     """(system prompt, earlier user/assistant messages, text of the newest user message)."""
     conversation = []
     for m in messages:
-        role = m.get("role")
-        content = message_text(m.get("content", ""))
+        role, content = m.get("role"), m.get("content", "")
+        if not isinstance(content, str):
+            raise TypeError(f"message content must be text (normalise it at the edge), got "
+                            f"{type(content).__name__}")
         if role == "system":
             if system_prompt is None:
                 system_prompt = content

@@ -17,15 +17,15 @@ import sys
 from typing import TextIO
 
 from backends import (
+    AppSettings,
     BackendError,
     GenerationConfig,
     create_backend,
     generation_defaults,
     list_backends,
-    load_config,
 )
 from chatapp.chat import new_conversation_id, respond
-from chatapp.history import ChatLog, ChatLogError
+from gpt.chatlog import ChatLog, ChatLogError
 from gpt.scheduler import stop_all
 
 HELP = """Commands:
@@ -139,7 +139,7 @@ class ConsoleChat:
             self.say(f"Give a value: /set {name} VALUE.")
             return
         try:
-            self.cfg = dataclasses.replace(self.cfg, **{name: parse_setting(name, raw)})
+            self.cfg = GenerationConfig.parse({name: parse_setting(name, raw)}, defaults=self.cfg)
             self.customised = True
         except ValueError as e:
             self.say(f"error: {e}")
@@ -164,10 +164,7 @@ class ConsoleChat:
         except ChatLogError as e:
             self.say(f"error: {e}")
             return
-        ready = "yes" if stats.ready_for_finetune else f"not yet (needs {self.ready_threshold} exchanges)"
-        self.say(f"Chat log {self.log.path}: {stats.conversations} conversations, {stats.exchanges} exchanges "
-                 f"({stats.liked} liked, {stats.disliked} disliked), {stats.malformed} malformed lines; "
-                 f"ready for fine-tuning: {ready}.")
+        self.say(stats.line(self.log.path))
 
 
 def parse_setting(name: str, raw: str):
@@ -210,23 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args.config)
-        app = config.get("app", {})
-        key = args.backend or app.get("default_backend") or "smollm2"
+        settings = AppSettings.load(args.config)
+        config = settings.config
+        key = args.backend or settings.default_backend
         options = {"checkpoint": args.checkpoint} if args.checkpoint else {}
         if args.weights:
             options["weights"] = args.weights
         backend = create_backend(key, config, **options)
-        cfg = generation_defaults(config, key)
-        log = ChatLog(args.history or app.get("history") or "chat_history.jsonl")
+        cfg = settings.generation(key)
+        log = ChatLog(args.history or settings.history)
         log.check_writable()
-        ready_threshold = int(app.get("ready_for_finetune", 10))
     except (BackendError, ValueError, ChatLogError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    system_prompt = args.system if args.system is not None else app.get("system_prompt")
+    system_prompt = args.system if args.system is not None else settings.system_prompt
     console = ConsoleChat(config, key, backend, log, cfg, system_prompt or None,
-                          ready_threshold=ready_threshold)
+                          ready_threshold=settings.ready_for_finetune)
     console.say(f"Chatting with {key}; replies are logged to {log.path}. Type /help for commands, /quit to leave.")
     while True:
         try:

@@ -20,8 +20,7 @@ import json
 import threading
 from dataclasses import dataclass
 
-from chatapp.history import ChatLog, utc_timestamp
-from gpt.chatlog import Conversation, LogContents, conversations
+from gpt.chatlog import ChatLog, Conversation, LogContents, conversations, utc_timestamp
 
 EXPORT_FORMAT = "nanogpt-chat conversations"
 EXPORT_VERSION = 1

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from gpt.chat_format import message_text
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -39,10 +37,10 @@ class Limits:
         return cls(**values)
 
     def check(self, message: str, history: list[dict], system_prompt: str | None, stop) -> None:
-        """Raise ValueError with one sentence if any input is over its limit."""
+        """Raise ValueError with one sentence if any input is over its limit (history: plain messages)."""
         _under(len(message), self.max_message_chars, "Your message", "max_message_chars")
         _under(len(history), self.max_history_messages, "The history", "max_history_messages", unit="messages")
-        total = sum(len(message_text(m.get("content", ""))) for m in history)
+        total = sum(len(m["content"]) for m in history)
         _under(total, self.max_history_chars, "The history", "max_history_chars")
         _under(len(system_prompt or ""), self.max_system_prompt_chars, "The system prompt",
                "max_system_prompt_chars")
@@ -59,7 +57,7 @@ class Limits:
         """
         kept, chars = [], 0
         for m in reversed(history[-self.max_history_messages:]):
-            chars += len(message_text(m.get("content", "")))
+            chars += len(m["content"])
             if chars > self.max_history_chars:
                 break
             kept.append(m)

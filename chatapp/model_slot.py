@@ -25,12 +25,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from backends import BackendError, ChatBackend, create_backend, list_backends
+from backends import AppSettings, BackendError, ChatBackend, create_backend, list_backends
 
 log = logging.getLogger(__name__)
 
 IDLE, LOADING, READY, FAILED = "idle", "loading", "ready", "failed"
-RELEASE_UNUSED_AFTER_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -60,16 +59,6 @@ class _Slot:
         self.last_load_s: float | None = None  # how long the last successful load took
 
 
-def warm_up(backend: ChatBackend) -> None:
-    """Make a lazily loading backend load its weights now (off the request path)."""
-    load = getattr(backend, "load", None)
-    if callable(load):
-        load()
-    else:  # the contract's lazy backends load on first use of the model
-        backend.encode("Hello")
-        _ = backend.context_length
-
-
 class ModelSlots:
     def __init__(self, config: dict, factory: Callable[..., ChatBackend] = create_backend):
         self._config = config
@@ -78,7 +67,7 @@ class ModelSlots:
         self._slots = {b["key"]: _Slot(b["key"], b.get("label") or b["key"], b.get("kind", ""))
                        for b in list_backends(config)}
         self._chosen: dict[str, str] = {}  # session id -> backend key
-        self.release_unused_after_s = _seconds(config, "release_unused_after_s", RELEASE_UNUSED_AFTER_S)
+        self.release_unused_after_s = AppSettings(config).release_unused_after_s
 
     # --- what is configured ------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -138,7 +127,7 @@ class ModelSlots:
             options = {"checkpoint": slot.checkpoint} if slot.checkpoint else {}
             backend = self.factory(slot.key, self._config, **options)
             slot.phase = "reading the weights into memory"
-            warm_up(backend)
+            backend.load()  # off the request path: a lazy backend loads its weights now
         except (BackendError, ValueError, OSError) as exc:
             self._finish(slot, None, f"{slot.label} could not be loaded: {exc}")
         except Exception as exc:  # a bug, not a user error: keep the traceback in the server log
@@ -300,11 +289,3 @@ class ModelSlots:
         if slot.release_when_idle:
             self._release_unused(only=slot)
         slot.loaded.set()
-
-
-def _seconds(config: dict, key: str, default: float) -> float:
-    value = (config.get("app") or {}).get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
-        raise ValueError(f"[app] {key} in the config must be a number of seconds >= 0, got {value!r}: fix it "
-                         f"or remove it for the default ({default:g}).")
-    return float(value)

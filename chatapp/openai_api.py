@@ -33,9 +33,8 @@ from starlette.routing import Route
 
 from backends import BackendError
 from backends.base import GenerationConfig
-from chatapp.chat import GENERATE_LIMIT, new_conversation_id
-from chatapp.history import ChatLogError
-from gpt.chat_format import message_text
+from chatapp.chat import GENERATE_LIMIT, message_text, new_conversation_id
+from gpt.chatlog import ChatLogError
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +204,10 @@ def _generation_config(body: dict, defaults: GenerationConfig) -> GenerationConf
     if "temperature" in settings and _number(settings["temperature"]) and settings["temperature"] > 2:
         raise ApiError(400, f"temperature must be between 0 and 2, got {settings['temperature']}.",
                        param="temperature")
-    if settings.get("top_k") in (0, -1):
-        settings["top_k"] = None  # 0 (ours) and -1 (vLLM's) both mean off
-    if isinstance(settings.get("stop"), list) and not settings["stop"]:
-        settings["stop"] = ()
+    if settings.get("top_k") == -1:
+        settings["top_k"] = 0  # vLLM's "off"; ours is 0
     try:
-        return GenerationConfig(**{**{f: getattr(defaults, f) for f in GenerationConfig.field_names()},
-                                   **settings})
+        return GenerationConfig.parse(settings, defaults=defaults)
     except ValueError as exc:
         field_name = str(exc).split(" ", 1)[0]
         param = {"max_new_tokens": "max_tokens"}.get(field_name, field_name)
@@ -258,7 +254,7 @@ def openai_routes(service, access: ApiAccess | None = None) -> list[Route]:
     """The /v1 routes for `service` (a chatapp.ui_service.ChatService); `access` says who may call them."""
     access = access or ApiAccess.load()
     turns = _Turns()
-    log_api = bool((service.config.get("app") or {}).get("log_api", True))
+    log_api = service.settings.log_api
 
     def model_entry(key: str) -> dict:
         entry = {"id": key, "object": "model", "created": 0, "owned_by": "nanogpt-chat",

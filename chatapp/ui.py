@@ -19,8 +19,7 @@ from collections.abc import Iterator
 import gradio as gr
 
 from backends import BackendError, GenerationConfig
-from chatapp.chat import new_conversation_id
-from chatapp.history import ChatLogError
+from chatapp.chat import message_text, new_conversation_id, plain_messages
 from chatapp.openai_api import ApiAccess, openai_routes
 from chatapp.ui_api import register_api
 from chatapp.ui_controls import (
@@ -32,7 +31,7 @@ from chatapp.ui_controls import (
 from chatapp.ui_conversations import conversation_sidebar
 from chatapp.ui_finetune import build_finetune_panel
 from chatapp.ui_service import GENERATE, GENERATE_LIMIT, ChatService, ReplyBusy
-from gpt.chat_format import message_text
+from gpt.chatlog import ChatLogError
 
 STATUS_POLL_S = 0.5  # how often a loading status line refreshes
 
@@ -48,8 +47,7 @@ def turn_of(history: list[dict], index: int) -> int:
 
 def _plain(history: list[dict]) -> list[dict]:
     """Chatbot messages (content may be a list of text blocks) as plain {"role", "content": str}."""
-    return [{"role": m["role"], "content": message_text(m.get("content", ""))} for m in history or []
-            if m.get("role") in ("user", "assistant")]
+    return plain_messages(m for m in history or [] if m.get("role") in ("user", "assistant"))
 
 
 class ChatBlocks(gr.Blocks):

@@ -19,10 +19,10 @@ import gradio as gr
 
 from backends import BackendError
 from backends.base import shown
-from chatapp.chat import new_conversation_id
-from chatapp.history import ChatLogError
+from chatapp.chat import new_conversation_id, plain_messages
 from chatapp.ui_controls import generation_config
 from chatapp.ui_service import GENERATE, GENERATE_LIMIT, STATS, STATS_LIMIT, user_error
+from gpt.chatlog import ChatLogError
 
 
 def _refuse(sentence: str) -> gr.Error:
@@ -39,7 +39,7 @@ def _is_text(content) -> bool:
 
 
 def _check_history(history) -> list[dict]:
-    """The /chat `history` argument as user/assistant messages; gr.Error says what is wrong with it."""
+    """The /chat `history` argument as plain user/assistant messages; gr.Error says what is wrong with it."""
     if history is None:
         return []
     if not isinstance(history, list):
@@ -48,7 +48,7 @@ def _check_history(history) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not _is_text(m.get("content")):
             raise _refuse(f"history[{i}] must be a message like {{\"role\": \"user\" or \"assistant\", "
                           f"\"content\": \"...\"}} with text content; pass the system prompt as system_prompt.")
-    return history
+    return plain_messages(history)
 
 
 def _check_strings(backend, system_prompt) -> None:
@@ -105,9 +105,7 @@ def register_api(service) -> None:
             s = service.log.stats(service.ready_threshold)
         except ChatLogError as exc:
             raise user_error(exc) from None
-        return {"exchanges": s.exchanges, "conversations": s.conversations, "liked": s.liked,
-                "disliked": s.disliked, "malformed": s.malformed, "ready_for_finetune": s.ready_for_finetune,
-                "ready_threshold": service.ready_threshold, "log": str(service.log_path)}
+        return {**s.as_dict(), "ready_threshold": s.threshold, "log": str(service.log_path)}
 
     def backends() -> list[dict]:
         """The configured backends: key (pass it to /chat), label, kind, whether it is the default, status."""

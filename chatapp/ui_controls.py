@@ -12,14 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 
 from backends import GenerationConfig
 from backends.base import shown
 from chatapp.budget import Prompt
-from chatapp.history import LogStats
 
 _ESCAPES = {"\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
 
@@ -73,22 +71,14 @@ def generation_config(max_new_tokens, temperature, top_k, top_p, repetition_pena
     backend's own defaults), else GenerationConfig's; a seed of None is a fresh random sample unless the
     defaults fix one.
     """
-    d = defaults or GenerationConfig()
     if isinstance(stop, str):
         stop = parse_stop_text(stop)
-    elif stop is None:
-        stop = d.stop
-    elif not isinstance(stop, (list, tuple)):
+    elif stop is not None and not isinstance(stop, (list, tuple)):
         raise ValueError(f"stop must be a list of strings, got {shown(stop)}")
-    max_new_tokens = _whole("max_new_tokens", max_new_tokens)
-    top_k = _whole("top_k", top_k)
-    return GenerationConfig(
-        max_new_tokens=d.max_new_tokens if max_new_tokens is None else max_new_tokens,
-        temperature=d.temperature if temperature is None else temperature,
-        top_k=d.top_k if top_k is None else (top_k or None),
-        top_p=d.top_p if top_p is None else top_p,
-        repetition_penalty=d.repetition_penalty if repetition_penalty is None else repetition_penalty,
-        stop=tuple(stop), seed=d.seed if seed is None else _whole("seed", seed))
+    values = {"max_new_tokens": _whole("max_new_tokens", max_new_tokens), "temperature": temperature,
+              "top_k": _whole("top_k", top_k), "top_p": top_p, "repetition_penalty": repetition_penalty,
+              "stop": None if stop is None else tuple(stop), "seed": _whole("seed", seed)}
+    return GenerationConfig.parse({k: v for k, v in values.items() if v is not None}, defaults=defaults)
 
 
 @dataclass
@@ -192,15 +182,3 @@ def context_meter(prompt: Prompt, context_length: int, max_new_tokens: int, upda
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def stats_text(stats: LogStats, log_path, threshold: int) -> str:
-    """The stats panel: what the chat log holds for fine-tuning."""
-    ready = "**yes**" if stats.ready_for_finetune else f"not yet (at {threshold} exchanges)"
-    lines = [f"**Chat log** `{Path(log_path).name}`",
-             f"- {_count(stats.exchanges, 'exchange')} logged in {_count(stats.conversations, 'conversation')}",
-             f"- {stats.liked} liked · {stats.disliked} disliked",
-             f"- ready for fine-tune: {ready}"]
-    if stats.malformed:
-        lines.append(f"- {_count(stats.malformed, 'unreadable line')} skipped")
-    return "\n".join(lines)

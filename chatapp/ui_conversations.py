@@ -23,7 +23,7 @@ import gradio as gr
 
 from chatapp.chat import new_conversation_id
 from chatapp.conversations import ImportFileError
-from chatapp.history import ChatLogError
+from gpt.chatlog import ChatLogError
 
 EMPTY_METER = "Context: nothing sent yet."
 

@@ -63,7 +63,7 @@ def report_markdown(s: dict) -> str:
 def build_finetune_panel(service) -> FinetuneJob:
     """The panel and its API endpoints, in the Blocks being built; returns the app's FinetuneJob."""
     job = FinetuneJob(service.log_path, service.slots, native_key(service.slots),
-                      config=(service.config.get("app") or {}).get("finetune_config"))
+                      config=service.settings.finetune_config)
     service.finetune = job  # tests and shutdown reach it through the service
 
     with gr.Accordion("Fine-tune on your conversations", open=False, elem_id="finetune-panel"):

@@ -16,13 +16,12 @@ from contextlib import contextmanager
 import gradio as gr
 
 from backends import GenerationConfig
-from backends.registry import generation_defaults
+from backends.registry import AppSettings
 from chatapp.chat import GENERATE_LIMIT, respond
 from chatapp.conversations import ConversationIndex
-from chatapp.history import ChatLog, ChatLogError
 from chatapp.limits import Limits
 from chatapp.model_slot import ModelSlots
-from chatapp.ui_controls import stats_text
+from gpt.chatlog import ChatLog, ChatLogError
 
 GENERATE = "generate"  # concurrency group shared by the UI's replies and the /chat API
 __all__ = ["GENERATE", "GENERATE_LIMIT", "ChatService", "user_error"]
@@ -40,13 +39,13 @@ class ChatService:
     """What the UI and the API share: the config, the loaded models, the chat log."""
 
     def __init__(self, config: dict, log_path, default_backend: str | None = None):
-        app = config.get("app") or {}
         self.config = config
+        self.settings = AppSettings(config)
         self.slots = ModelSlots(config)
-        self.default_backend = default_backend or app.get("default_backend") or self.slots.keys()[0]
+        self.default_backend = default_backend or self.settings.default_backend
         self.slots.label(self.default_backend)  # raises BackendError for an unknown key
-        self.system_prompt = app.get("system_prompt") or ""
-        self.ready_threshold = int(app.get("ready_for_finetune", 10))
+        self.system_prompt = self.settings.system_prompt
+        self.ready_threshold = self.settings.ready_for_finetune
         self.log = ChatLog(log_path)
         self.log_path = log_path
         self.limits = Limits.from_config(config)
@@ -56,8 +55,8 @@ class ChatService:
         self.generation = self.generation_defaults(self.default_backend)
 
     def generation_defaults(self, key: str) -> GenerationConfig:
-        """The settings backend `key` starts with: backends.registry.generation_defaults for this config."""
-        return generation_defaults(self.config, key)
+        """The settings backend `key` starts with (AppSettings.generation)."""
+        return self.settings.generation(key)
 
     def stream(self, key: str, history: list[dict], message: str, cfg, system_prompt: str | None,
                conversation_id: str, log: bool = True) -> Iterator[tuple]:
@@ -96,7 +95,7 @@ class ChatService:
 
     def stats_text(self) -> str:
         try:
-            return stats_text(self.log.stats(self.ready_threshold), self.log_path, self.ready_threshold)
+            return self.log.stats(self.ready_threshold).markdown(self.log_path)
         except ChatLogError as exc:
             return str(exc)
 

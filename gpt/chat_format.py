@@ -1,7 +1,13 @@
-"""Chat rendering: the ONE place where chat turns become prompt text and training tokens.
+"""Chat rendering: the ONE place where chat turns become prompt ids and training examples.
 
-Inference (`render`) and fine-tuning (`training_examples`) both come through here, so the model is trained
-on exactly the prompts it later sees.
+    fmt = ChatFormat.for_tokenizer(tokenizer)         # bound to its tokenizer: it alone decides how to encode
+    ids = fmt.prompt_ids([{"role": "user", "content": "Hi"}])       # what the engine is asked to continue
+    examples = fmt.training_examples(messages)        # [(ids, loss mask)], one per assistant turn
+    fmt.render(messages)                              # the same prompt as text (for people and tests)
+
+Inference (`prompt_ids`) and fine-tuning (`training_examples`) both come through here, and the format carries
+the encoder its prompts need (`encode_prompt`: special tokens parsed for a chat template, never for the plain
+format), so the model is trained on exactly the ids it later sees and no caller picks an encoder.
 
 Two formats:
 - the model's own chat template (Jinja, as in tokenizer_config.json), for chat models such as SmolLM2;
@@ -15,17 +21,21 @@ Two formats:
 
   Each turn is one `Role: text` line group; the prompt ends with the assistant's cue `Assistant:`. A reply
   is the text after the cue (it starts with a space) and ends with end-of-text; the stop strings
-  `\\nUser:`, `\\nAssistant:` and `\\nSystem:` catch a model that keeps going.
+  `\\nUser:`, `\\nAssistant:` and `\\nSystem:` (`stop_strings`, which the backends add to every reply's
+  stops) catch a model that keeps going.
 
 A user cannot inject a turn: in the plain format a line of a message that starts like a role marker gets a
-leading space (so it no longer matches one); with a template, special-token strings inside a message are
-broken by a zero-width space so the tokenizer does not parse them.
+leading space (so it no longer matches one), and its text is encoded without special tokens; with a template,
+special-token strings inside a message are broken by a zero-width space before the rendering is encoded with
+special tokens (whole, as transformers tokenizes `apply_chat_template`'s text, so the ids match it exactly).
+
+Messages are plain `{"role", "content": str}` here: the edges (web UI, API, console) normalise them once.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -41,15 +51,24 @@ class ChatFormat:
     special_tokens: tuple[str, ...] = field(default_factory=tuple)
     bos_token: str | None = None
     eos_token: str | None = None
+    # The tokenizer calls a format is bound to: `encode_text` reads special-token strings as text,
+    # `encode_special` parses them (only a template's own markers reach it unescaped); `eot_id` ends a reply.
+    encode_text: Callable[[str], list[int]] | None = field(default=None, compare=False, repr=False)
+    encode_special: Callable[[str], list[int]] | None = field(default=None, compare=False, repr=False)
+    eot_id: int | None = None
 
     @classmethod
     def for_tokenizer(cls, tokenizer) -> ChatFormat:
-        """The format a tokenizer implies: its chat template if it has one, else the plain format."""
+        """The format a native tokenizer (gpt/tokenizer.py) implies, bound to it: its chat template if it has
+        one, else the plain format."""
+        bound = dict(encode_text=tokenizer.encode, encode_special=tokenizer.encode_markup,
+                     eot_id=getattr(tokenizer, "eot_id", None))
         template = getattr(tokenizer, "chat_template", None)
         if not template:
-            return cls()
+            return cls(**bound)
         return cls(chat_template=template, special_tokens=tuple(getattr(tokenizer, "special_tokens", {})),
-                   bos_token=getattr(tokenizer, "bos_token", None), eos_token=getattr(tokenizer, "eos_token", None))
+                   bos_token=getattr(tokenizer, "bos_token", None),
+                   eos_token=getattr(tokenizer, "eos_token", None), **bound)
 
     @property
     def uses_template(self) -> bool:
@@ -68,10 +87,20 @@ class ChatFormat:
             return content
         return _ROLE_LINE.sub(lambda m: m.group(1) + " " + m.group(2), content)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of text this format rendered: the one decision of which encoder a prompt needs."""
+        encode = self.encode_special if self.uses_template else self.encode_text
+        if encode is None:
+            raise TypeError("this ChatFormat is not bound to a tokenizer: build it with ChatFormat.for_tokenizer")
+        return encode(text)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The ids a model continues to answer `messages`: the rendering with the assistant's cue, encoded."""
+        return self.encode_prompt(self.render(messages))
+
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Prompt text for `messages` ([{"role", "content"}]); ends with the assistant's cue if asked."""
-        messages = [{"role": _check_role(m), "content": self.escape(message_text(m["content"]))}
-                    for m in messages]
+        """Prompt text for `messages` ([{"role", "content": str}]); ends with the assistant's cue if asked."""
+        messages = [{"role": _check_role(m), "content": self.escape(m["content"])} for m in messages]
         if self.uses_template:
             return _template(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
@@ -95,35 +124,23 @@ class ChatFormat:
             raise ValueError("this chat template does not render a conversation as a prefix of its extension")
         return full[len(prefix):]
 
-    def training_examples(self, messages: list[dict], encode_prompt, eot_id: int) -> list[tuple[list[int], list[int]]]:
-        """One (ids, mask) pair per assistant turn: the prompt exactly as at inference (mask 0), then the
-        reply and its end (mask 1). `encode_prompt` is the tokenizer call the backend uses on prompts."""
+    def reply_ids(self, messages: list[dict], reply: str) -> list[int]:
+        """The ids that follow `prompt_ids(messages)` when the assistant answers `reply`, its end included."""
+        ids = self.encode_prompt(self.reply_text(messages, reply))
+        return ids if self.uses_template else ids + [self.eot_id]
+
+    def training_examples(self, messages: list[dict]) -> list[tuple[list[int], list[int]]]:
+        """One (ids, mask) pair per assistant turn: the prompt ids exactly as at inference (mask 0), then the
+        reply and its end (mask 1)."""
         examples = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant" or i == 0:
                 continue
-            context = [m for m in messages[:i]]
-            prompt_ids = encode_prompt(self.render(context, add_generation_prompt=True))
-            reply_ids = encode_prompt(self.reply_text(context, message_text(message["content"])))
-            if not self.uses_template:
-                reply_ids = reply_ids + [eot_id]
+            context = messages[:i]
+            prompt_ids = self.prompt_ids(context)
+            reply_ids = self.reply_ids(context, message["content"])
             examples.append((prompt_ids + reply_ids, [0] * len(prompt_ids) + [1] * len(reply_ids)))
         return examples
-
-
-def message_text(content) -> str:
-    """Message content as text; Gradio may hand a list of blocks ([{"type": "text", "text": ...}])."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Iterable):
-        parts = []
-        for block in content:
-            if isinstance(block, dict) and block.get("type", "text") == "text":
-                parts.append(str(block.get("text", "")))
-            elif isinstance(block, str):
-                parts.append(block)
-        return "".join(parts)
-    return str(content)
 
 
 def _check_role(message: dict) -> str:

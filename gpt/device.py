@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a part of the GPU's name: what MFU is measured against.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -45,3 +48,11 @@ def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dt
     if DTYPES[name] == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU does not support bf16; use fp16 or fp32")
     return DTYPES[name]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The bf16 peak of a CUDA device (PEAK_FLOPS), or None where it is not known (CPU, MPS, other GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)

@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 
 GPT2_EOT = "<|endoftext|>"
+# End-of-turn tokens of common chat models (GPT-2, ChatML, Llama 3, Phi-3): any of them a tokenizer has ends a
+# reply, besides its own eos. Both engines stop on these (backends/hf.py too).
+END_OF_TURN_TOKENS = (GPT2_EOT, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>")
 
 
 class Tokenizer:
@@ -120,14 +123,14 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self._markup.get_vocab_size(with_added_tokens=True)
         self.special_tokens = {t.content: i for i, t in self._markup.get_added_tokens_decoder().items()
                                if t.special}
-        candidates = [self.eos_token, "</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"]
+        candidates = [self.eos_token, "</s>", *END_OF_TURN_TOKENS]
         eos = next((c for c in candidates if c and c in self.special_tokens), None)
         if eos is None:
             raise ValueError(f"{directory} has no end-of-sequence token: set eos_token in tokenizer_config.json "
                              f"to one of the special tokens of tokenizer.json.")
         self.eos_token, self.eot_id = eos, self.special_tokens[eos]
         stops = {self.eot_id}
-        for text in ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>"):
+        for text in END_OF_TURN_TOKENS:
             if text in self.special_tokens:
                 stops.add(self.special_tokens[text])
         self.stop_ids = frozenset(stops)

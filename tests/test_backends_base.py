@@ -61,3 +61,17 @@ def test_the_extremes_allowed_still_sample_finitely():
     for temperature, penalty in [(0.01, 0.01), (0.01, 100.0), (100.0, 0.01), (100.0, 100.0), (0, 100.0)]:
         cfg = GenerationConfig(temperature=temperature, repetition_penalty=penalty, top_p=1e-300, seed=MAX_SEED)
         assert 0 <= _sample_once(cfg) < 64
+
+
+def test_one_parser_reads_loose_values_over_defaults():
+    defaults = GenerationConfig(temperature=0.2, seed=7)
+    assert GenerationConfig.parse(None) == GenerationConfig()
+    assert GenerationConfig.parse(defaults) is defaults
+    parsed = GenerationConfig.parse({"top_k": 0, "stop": ["a", "b"], "max_new_tokens": 9}, defaults=defaults)
+    assert parsed == GenerationConfig(temperature=0.2, seed=7, top_k=None, stop=("a", "b"), max_new_tokens=9)
+    with pytest.raises(ValueError, match="Unknown generation setting.*temprature"):
+        GenerationConfig.parse({"temprature": 1})
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig.parse({"top_p": 2}, defaults=defaults)
+    with pytest.raises(TypeError, match="dict of its fields"):
+        GenerationConfig.parse("temperature=1")

@@ -162,11 +162,12 @@ def test_closing_the_stream_halts_generation(case):
 
 
 def test_halt_flag_ends_hf_generation_at_the_next_token(twins):
-    from backends.hf import _StopWatch
+    from backends.hf import _ReplyPump
+    from backends.reply import ReplyStream
 
     _, hf = twins
     halt = threading.Event()
-    watch = _StopWatch(hf._model(), stops=(), halt=halt)
+    watch = _ReplyPump(hf._model(), ReplyStream(lambda reply: iter(())), stops=(), limit=8, halt=halt)
     ids = torch.tensor([[10, 11, 12]])
     assert not watch(ids, None).any()
     halt.set()
@@ -189,15 +190,19 @@ def test_concurrent_sessions_get_the_replies_they_would_get_alone(case):
     assert together == alone
 
 
-def test_chat_format_and_role_markers(case):
+def test_chat_format_renders_prompt_ids_once_and_the_backend_adds_its_turn_markers_to_the_stops(case):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     prompt = case.backend.format_chat(messages)
+    ids = case.backend.prompt_ids(messages)
+    assert ids == case.backend.encode(prompt)  # the ids are the text's, encoded the one way prompts are
+    cfg = GenerationConfig(max_new_tokens=6, stop=("zz",), **GREEDY)
+    assert case.backend.generate(ids, cfg) == case.backend.generate(prompt, cfg)
     if case.plain:
         assert prompt == "System: Be brief.\nUser: Hi\nAssistant:"
-        assert case.backend.role_markers == PLAIN_STOP_STRINGS
+        assert case.backend.reply_stops(cfg) == ("zz", *PLAIN_STOP_STRINGS)
     else:
         assert prompt.endswith("<|im_start|>assistant\n") and "Be brief." in prompt
-        assert case.backend.role_markers == ()
+        assert case.backend.reply_stops(cfg) == ("zz",)
 
 
 def test_user_typed_special_token_stays_text(case):

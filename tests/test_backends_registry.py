@@ -157,3 +157,20 @@ def _copy_checkpoint(src, dst, created: float):
     meta = json.loads((dst / "meta.json").read_text())
     meta["created"] = created
     (dst / "meta.json").write_text(json.dumps(meta))
+
+
+def test_app_settings_read_app_once_with_one_set_of_fallbacks():
+    from backends import AppSettings
+
+    bare = AppSettings({"backends": {"first": {"kind": "hf"}, "second": {"kind": "hf"}}})
+    assert (bare.default_backend, bare.history, bare.system_prompt, bare.ready_for_finetune) == \
+        ("first", "chat_history.jsonl", "", 10)
+    assert bare.generation("first") == bare.generation() == GenerationConfig()
+    chosen = AppSettings({"app": {"default_backend": "second", "history": "h.jsonl", "system_prompt": "Be kind.",
+                                  "ready_for_finetune": 3}, "generation": {"top_k": 0, "stop": ["END"]},
+                          "backends": {"first": {"kind": "hf"}, "second": {"kind": "hf"}}})
+    assert (chosen.default_backend, chosen.history, chosen.system_prompt, chosen.ready_for_finetune) == \
+        ("second", "h.jsonl", "Be kind.", 3)
+    assert chosen.generation("first") == GenerationConfig(top_k=None, stop=("END",))
+    with pytest.raises(BackendError, match="no backends"):
+        _ = AppSettings({}).default_backend

@@ -1,4 +1,4 @@
-"""Stop strings on decoded text (backends/stops.py): edge cases and a property over random splits.
+"""Stop strings on decoded text (backends/reply.py): edge cases and a property over random splits.
 
     .venv/bin/python -m pytest tests/test_backends_stops.py
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.stops import StopMatcher, apply_stops
+from backends.reply import StopMatcher, apply_stops
 
 
 def _run(pieces, stops):

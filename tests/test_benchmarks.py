@@ -48,7 +48,7 @@ def test_decode_benchmark_reports_the_weight_format_its_perplexity_ratio_and_pre
 
 
 def test_decode_benchmark_generates_every_requested_token_on_both_sides():
-    native, hf, _ = decode.build_models("gpt2-124m", decode.pick_device("cpu"), decode.torch.float32, 7,
+    native, hf, _ = decode.build_models("gpt2-124m", decode.torch.device("cpu"), decode.torch.float32, 7,
                                      dict(n_layer=1, n_head=2, n_embd=32))
     prompt = decode.prompt_ids(native.config.vocab_size, 10, 7)
     from gpt.engine import Engine

@@ -82,7 +82,7 @@ def check_invariants(backend, history, newest, system, max_new_tokens) -> Prompt
         return None
     event("truncated" if p.truncated else "dropped turns" if p.dropped else "whole conversation")
     # The budget: the exact encoded length, with room for the reply.
-    assert p.n_tokens == len(backend.encode(p.text))
+    assert p.n_tokens == len(p.ids) and list(p.ids) == backend.encode(p.text)
     assert p.n_tokens + max_new_tokens <= context
     if not p.truncated:
         # Whole turns dropped, oldest first; the newest message and the system prompt intact.
@@ -176,10 +176,14 @@ def test_too_long_message_keeps_its_end(native_backend):
     assert 112 - 4 <= p.n_tokens <= 112  # filled up to the budget, not cut short
 
 
-def test_gradio_text_blocks_and_a_system_message_are_understood(native_backend):
+def test_gradio_text_blocks_normalised_at_the_edge_and_a_system_message_are_understood(native_backend):
+    from chatapp.chat import plain_messages
+
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
-    p = build_prompt(native_backend, messages, 16)
+    with pytest.raises(TypeError, match="normalise it at the edge"):
+        build_prompt(native_backend, messages, 16)
+    p = build_prompt(native_backend, plain_messages(messages), 16)
     assert p.text == "System: Be brief.\nUser: Hi there\nAssistant:"
 
 
@@ -196,6 +200,10 @@ def test_encodes_stay_logarithmic_in_turns_and_message_length(native_backend):
         def encode(text):
             calls.append(len(text))
             return real_encode(text)
+
+        @staticmethod
+        def prompt_ids(messages):
+            return Counting.encode(native_backend.format_chat(messages))
 
     history = [{"role": r, "content": f"{r} {i}"} for i in range(200) for r in ("user", "assistant")]
     build_prompt(Counting, history + [{"role": "user", "content": "new"}], 32)

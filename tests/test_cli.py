@@ -13,7 +13,7 @@ import pytest
 
 from backends import ChatBackend, GenerationConfig, create_backend, load_config
 from chatapp.cli import ConsoleChat, main, parse_setting
-from chatapp.history import ChatLog
+from gpt.chatlog import ChatLog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,7 +122,6 @@ class Scripted(ChatBackend):
         self.real, self.pieces, self.interrupt, self.name = real, pieces, interrupt, "scripted"
 
     context_length = property(lambda self: self.real.context_length)
-    role_markers = property(lambda self: self.real.role_markers)
 
     def encode(self, text):
         return self.real.encode(text)
@@ -132,6 +131,9 @@ class Scripted(ChatBackend):
 
     def format_chat(self, messages):
         return self.real.format_chat(messages)
+
+    def prompt_ids(self, messages):
+        return self.real.prompt_ids(messages)
 
     def stream(self, prompt, cfg):
         yield from self.pieces

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from chatapp.conversations import ConversationIndex, ImportFileError
-from chatapp.history import ChatLog
-from gpt.chatlog import conversations, read_log
+from gpt.chatlog import ChatLog, conversations, read_log
 
 
 def log_with_two_conversations(path) -> ChatLog:

@@ -15,7 +15,7 @@ import pytest
 from gradio_client import Client
 from live_server import LiveApp, free_port, write_tiny_config
 
-from chatapp.history import ChatLog
+from gpt.chatlog import ChatLog
 
 REPO = Path(__file__).resolve().parent.parent
 

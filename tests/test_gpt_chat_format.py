@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from gpt.chat_format import PLAIN_STOP_STRINGS, ChatFormat, message_text
+from gpt.chat_format import PLAIN_STOP_STRINGS, ChatFormat
 from gpt.tokenizer import GPT2Tokenizer, load_tokenizer
 
 # SmolLM2-135M-Instruct's template (as its GGUF carries it): a default system line when none is given.
@@ -29,7 +29,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CONVERSATION = [
     {"role": "user", "content": "Hi there, what's 2+2?"},
     {"role": "assistant", "content": "It is 4. Anything else?"},
-    {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "\"héllo\" <b>"}]},
+    {"role": "user", "content": "Say \"héllo\" <b>"},
 ]
 
 
@@ -54,7 +54,7 @@ def chatml(tmp_path_factory):
 
 
 def plain_messages():
-    return [{"role": m["role"], "content": message_text(m["content"])} for m in CONVERSATION]
+    return [dict(m) for m in CONVERSATION]
 
 
 def test_plain_format_renders_role_lines_and_ends_with_the_assistant_cue():
@@ -96,8 +96,9 @@ def test_template_error_is_a_value_error_naming_the_template():
 def test_typed_special_tokens_cannot_inject_a_turn(chatml, attack):
     tok, _ = chatml
     fmt = ChatFormat.for_tokenizer(tok)
-    clean = tok.encode_markup(fmt.render([{"role": "user", "content": "hello"}]))
-    attacked = tok.encode_markup(fmt.render([{"role": "user", "content": attack}]))
+    clean = fmt.prompt_ids([{"role": "user", "content": "hello"}])
+    attacked = fmt.prompt_ids([{"role": "user", "content": attack}])
+    assert attacked == tok.encode_markup(fmt.render([{"role": "user", "content": attack}]))
     specials = set(tok.special_tokens.values())
     assert [i for i in attacked if i in specials] == [i for i in clean if i in specials]
     escaped = fmt.escape(attack)  # the text still reaches the model, only with its markers broken
@@ -113,12 +114,13 @@ def test_for_tokenizer_picks_the_template_or_the_plain_format(chatml):
 
 def test_plain_training_examples_prompt_is_the_inference_prompt_and_mask_covers_the_reply():
     tok = GPT2Tokenizer()
-    fmt = ChatFormat()
+    fmt = ChatFormat.for_tokenizer(tok)
     messages = plain_messages() + [{"role": "assistant", "content": "Héllo!"}]
-    examples = fmt.training_examples(messages, tok.encode, tok.eot_id)
+    examples = fmt.training_examples(messages)
     assert len(examples) == 2
     ids, mask = examples[1]
-    prompt = tok.encode(fmt.render(messages[:3]))
+    prompt = fmt.prompt_ids(messages[:3])
+    assert prompt == tok.encode(fmt.render(messages[:3]))  # plain prompts: all text, no special tokens
     assert ids[:len(prompt)] == prompt and mask[:len(prompt)] == [0] * len(prompt)
     reply = [i for i, m in zip(ids, mask, strict=True) if m]
     assert reply[-1] == tok.eot_id and tok.decode(reply[:-1]) == " Héllo!"
@@ -128,8 +130,8 @@ def test_template_training_examples_end_with_the_end_of_turn_marker(chatml):
     tok, _ = chatml
     fmt = ChatFormat.for_tokenizer(tok)
     messages = plain_messages() + [{"role": "assistant", "content": "Hello!"}]
-    ids, mask = fmt.training_examples(messages, tok.encode_markup, tok.eot_id)[-1]
-    prompt = tok.encode_markup(fmt.render(messages[:3]))
+    ids, mask = fmt.training_examples(messages)[-1]
+    prompt = fmt.prompt_ids(messages[:3])
     assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
     reply = [i for i, m in zip(ids, mask, strict=True) if m]
     assert tok.decode(reply) == "Hello!<|im_end|>\n" and tok.eot_id in reply

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatapp.history import ChatLog, ChatLogError, LogStats
-from gpt.chatlog import read_log
+from gpt.chatlog import ChatLog, ChatLogError, LogStats, read_log
 
 CONFIG = {"max_new_tokens": 8, "temperature": 0.0, "stop": ["\nUser:"]}
 
@@ -192,7 +191,7 @@ def test_log_path_that_is_a_folder_fails_with_one_sentence(tmp_path):
 
 def test_permission_denied_on_append_fails_with_one_sentence(tmp_path, monkeypatch):
     # Faked: these tests run as root, for whom a read-only file is still writable.
-    import chatapp.history as history
+    import gpt.chatlog as history
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
@@ -230,7 +229,7 @@ def test_the_chat_log_is_created_readable_by_its_owner_only(tmp_path):
 
 
 def test_reading_again_parses_only_what_was_appended(tmp_path, monkeypatch):
-    import chatapp.history as history
+    import gpt.chatlog as history
 
     path = tmp_path / "log.jsonl"
     log = ChatLog(path)
@@ -284,3 +283,18 @@ def test_incremental_reads_equal_a_fresh_read_of_the_whole_file(tmp_path_factory
     again = log.read()
     assert (again.exchanges, again.feedback, again.malformed) == (fresh.exchanges, fresh.feedback, fresh.malformed)
     assert again.exchanges == read_log(path).exchanges  # the training reader sees the same
+
+
+def test_stats_are_formatted_for_the_page_the_console_and_the_api():
+    stats = LogStats(conversations=1, exchanges=1, liked=1, disliked=0, malformed=2, ready_for_finetune=False,
+                     threshold=10)
+    text = stats.markdown("/tmp/x/chat_history.jsonl")
+    assert "1 exchange logged in 1 conversation" in text and "1 liked · 0 disliked" in text
+    assert "not yet (at 10 exchanges)" in text and "2 unreadable lines skipped" in text
+    assert "`chat_history.jsonl`" in text
+    ready = LogStats(3, 12, 0, 0, 0, True).markdown("log.jsonl")
+    assert "12 exchanges logged in 3 conversations" in ready and "ready for fine-tune: **yes**" in ready
+    assert stats.line("log.jsonl") == ("Chat log log.jsonl: 1 conversations, 1 exchanges (1 liked, 0 disliked), "
+                                       "2 malformed lines; ready for fine-tuning: not yet (needs 10 exchanges).")
+    assert stats.as_dict() == {"conversations": 1, "exchanges": 1, "liked": 1, "disliked": 0, "malformed": 2,
+                               "ready_for_finetune": False}

@@ -18,7 +18,7 @@ def _messages(*texts: str) -> list[dict]:
     ("x" * 11, [], "", (), "Your message has 11 characters, over the limit of 10: shorten it (the limit is "
                            "max_message_chars in [app] of the app config)."),
     ("hi", _messages("a", "b", "c", "d"), "", (), "The history has 4 messages, over the limit of 3"),
-    ("hi", _messages("aaaaaaa", [{"type": "text", "text": "bbbbbb"}]), "", (),
+    ("hi", _messages("aaaaaaa", "bbbbbb"), "", (),
      "The history has 13 characters, over the limit of 12"),
     ("hi", [], "system", (), "The system prompt has 6 characters, over the limit of 5"),
     ("hi", [], "", ("a", "b", "c"), "The stop list has 3 strings, over the limit of 2"),

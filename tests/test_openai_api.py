@@ -254,7 +254,7 @@ def test_the_openai_backend_kind_chats_through_the_apps_own_api(app, client):
 
 def test_the_openai_backend_through_the_chat_loop_keeps_the_budget_and_the_log(app, tmp_path):
     from chatapp.chat import respond
-    from chatapp.history import ChatLog
+    from gpt.chatlog import ChatLog
 
     backend = create_backend("openai", base_url=app.url + "/v1", model="native", context_length=160)
     history = [{"role": r, "content": "word " * 30} for r in ("user", "assistant") * 3]

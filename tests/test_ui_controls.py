@@ -8,9 +8,8 @@ from hypothesis import strategies as st
 
 from backends import GenerationConfig
 from chatapp.budget import Prompt
-from chatapp.history import LogStats
 from chatapp.ui import turn_of
-from chatapp.ui_controls import context_meter, generation_config, parse_stop_text, stats_text, stop_text
+from chatapp.ui_controls import context_meter, generation_config, parse_stop_text, stop_text
 
 
 @given(st.lists(st.text(min_size=1), max_size=4))
@@ -74,11 +73,3 @@ def test_context_meter_reports_use_dropped_turns_and_truncation():
     assert "4 earlier messages dropped to fit" in text and "only its end was kept" in text
 
 
-def test_stats_text_shows_counts_and_readiness():
-    text = stats_text(LogStats(conversations=1, exchanges=1, liked=1, disliked=0, malformed=2,
-                               ready_for_finetune=False), "/tmp/x/chat_history.jsonl", 10)
-    assert "1 exchange logged in 1 conversation" in text and "1 liked · 0 disliked" in text
-    assert "not yet (at 10 exchanges)" in text and "2 unreadable lines skipped" in text
-    assert "`chat_history.jsonl`" in text
-    ready = stats_text(LogStats(3, 12, 0, 0, 0, True), "log.jsonl", 10)
-    assert "12 exchanges logged in 3 conversations" in ready and "ready for fine-tune: **yes**" in ready

@@ -89,8 +89,7 @@ def greedy_reply(checkpoint, question: str, max_new_tokens: int = 24) -> str:
     """The native engine's greedy reply to one user message, rendered as the backend renders it."""
     model, tokenizer, _ = load_checkpoint(checkpoint)
     fmt = ChatFormat.for_tokenizer(tokenizer)
-    prompt = fmt.render([{"role": "user", "content": question}])
-    ids = tokenizer.encode_markup(prompt) if fmt.uses_template else tokenizer.encode(prompt)
+    ids = fmt.prompt_ids([{"role": "user", "content": question}])
     out = Engine(model).generate(ids, max_new_tokens, SamplingParams(temperature=0), stop_ids=tokenizer.stop_ids)
     return tokenizer.decode(list(out))
 

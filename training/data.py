@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt.chat_format import ChatFormat, message_text
+from gpt.assets import sha256_of
+from gpt.chat_format import ChatFormat
 from gpt.chatlog import Conversation, conversations, read_log
 from gpt.tokenizer import Tokenizer
 
@@ -36,13 +37,13 @@ class DataError(ValueError):
 
 
 def chat_format_for(tokenizer: Tokenizer) -> ChatFormat:
-    """The chat format the native backend uses for this tokenizer (its template, specials, bos/eos)."""
+    """The chat format the native backend uses for this tokenizer, bound to it (it encodes its own prompts)."""
     return ChatFormat.for_tokenizer(tokenizer)
 
 
 def prompt_encoder(fmt: ChatFormat, tokenizer: Tokenizer):
-    """The tokenizer call the native backend uses on rendered prompts: template prompts carry markup."""
-    return tokenizer.encode_markup if fmt.uses_template else tokenizer.encode
+    """The tokenizer call for text `fmt` rendered: the format, bound to its tokenizer, decides (one place)."""
+    return fmt.encode_prompt
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -73,7 +74,7 @@ def select_exchanges(convs: list[Conversation], only_liked: bool = False,
             counts["liked"] += rating == "like"
             counts["disliked"] += rating == "dislike"
             counts["edited"] += edited
-            if not message_text(conv.edits.get(ex.turn, ex.assistant)).strip():
+            if not conv.edits.get(ex.turn, ex.assistant).strip():
                 counts["empty"] += 1
                 continue
             good = rating == "like" or edited
@@ -122,10 +123,9 @@ def render_examples(selections: list[Selection], fmt: ChatFormat, tokenizer: Tok
     history for every turn (a four-turn chat costs a quarter of the tokens). Where the tokenizer does not
     render the shorter examples as exact prefixes of the longer one, the turns stay separate examples.
     """
-    encode = prompt_encoder(fmt, tokenizer)
     examples = []
     for sel in selections:
-        per_turn = fmt.training_examples(sel.conversation.messages(), encode, tokenizer.eot_id)
+        per_turn = fmt.training_examples(sel.conversation.messages())
         chosen = [per_turn[i] for i in sel.turns]
         ids, mask = list(chosen[-1][0]), list(chosen[-1][1])
         separate = []
@@ -146,7 +146,6 @@ def taught_probes(selections: list[Selection], fmt: ChatFormat, tokenizer: Token
     taught in) and rises when the held-out conversations drift: early stopping and the kept checkpoint weigh
     both, where held-out chats alone would prefer the base (learning a fact never helps an unrelated chat).
     """
-    encode = prompt_encoder(fmt, tokenizer)
     probes = []
     for sel in selections:
         conv = sel.conversation
@@ -156,7 +155,7 @@ def taught_probes(selections: list[Selection], fmt: ChatFormat, tokenizer: Token
             if ex.turn in conv.edits:
                 messages = [*system, {"role": "user", "content": ex.user},
                             {"role": "assistant", "content": conv.edits[ex.turn]}]
-                probes.append(fmt.training_examples(messages, encode, tokenizer.eot_id)[-1])
+                probes.append(fmt.training_examples(messages)[-1])
     return probes
 
 
@@ -224,7 +223,7 @@ def prepare_chat_data(history: str | Path, tokenizer: Tokenizer, directory: str 
     manifest = {
         "format": FORMAT_VERSION, "kind": "chat", "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
         "tokenizer": tokenizer.name, "eot_id": tokenizer.eot_id, "template": fmt.uses_template,
-        "source": {"history": str(history.resolve()), "sha256": _sha256(history),
+        "source": {"history": str(history.resolve()), "sha256": sha256_of(history),
                    "exchanges": len(contents.exchanges), "feedback": len(contents.feedback),
                    "conversations": len(convs), "malformed_lines": contents.malformed,
                    "usable_exchanges": usable, "only_liked": only_liked, "exclude_disliked": exclude_disliked,
@@ -264,7 +263,7 @@ def prepare_text_data(text_path: str | Path, tokenizer: Tokenizer, directory: st
     dtype = token_dtype(tokenizer.vocab_size)
     manifest = {"format": FORMAT_VERSION, "kind": "text", "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
                 "tokenizer": tokenizer.name, "eot_id": tokenizer.eot_id,
-                "source": {"text": str(text_path.resolve()), "sha256": _sha256(text_path)}, "splits": {}}
+                "source": {"text": str(text_path.resolve()), "sha256": sha256_of(text_path)}, "splits": {}}
     cut = len(ids) - n_val
     for name, part in (("train", ids[:cut]), ("val", ids[cut:])):
         manifest["splits"][name] = write_split(directory, name, [(part, [1] * len(part))], dtype)
@@ -318,11 +317,3 @@ def load_split(directory: str | Path, name: str) -> Split:
     mask = np.memmap(directory / f"{name}.mask.bin", dtype=np.uint8, mode="r")[:n]
     offsets = np.fromfile(directory / f"{name}.offsets.bin", dtype=np.int64)
     return Split(tokens, mask, offsets)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -28,12 +28,11 @@ import torch
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
-from gpt.device import pick_device, pick_dtype
+from gpt.device import peak_flops, pick_device, pick_dtype
 from gpt.model import GPT
 from training.config import ConfigError, TrainConfig
 
 # Dense bf16 tensor-core peaks, for the MFU estimate on known GPUs.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 
 
 @dataclass
@@ -124,7 +123,7 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 self.train_model, device_ids=[device.index] if device.type == "cuda" else None)
         self.state = LoopState()
-        self.peak_flops = _peak_flops(device) if self.dtype != torch.float32 else None
+        self.peak_flops = peak_flops(device) if self.dtype != torch.float32 else None
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -302,13 +301,6 @@ def _log(bar, message: str) -> None:
         print(message, flush=True)
     else:
         bar.write(message)
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 @contextlib.contextmanager

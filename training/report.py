@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt.chat_format import ChatFormat, message_text
+from gpt.chat_format import ChatFormat
 from gpt.engine import Engine
 from gpt.model import GPT
 from gpt.sampling import SamplingParams
@@ -75,7 +75,7 @@ def taught_examples(selections, fmt: ChatFormat, tokenizer: Tokenizer) -> list[T
             edited, liked = ex.turn in conv.edits, conv.ratings.get(ex.turn) == "like"
             if not (edited or liked):
                 continue
-            reply = message_text(conv.edits.get(ex.turn, ex.assistant))
+            reply = conv.edits.get(ex.turn, ex.assistant)
             prompt, ids = render_question(fmt, tokenizer, ex.user, conv.system_prompt, reply)
             out.append(Taught(ex.user, reply, "edited" if edited else "liked", prompt, ids))
     return out
