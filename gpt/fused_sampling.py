@@ -1,0 +1,117 @@
+"""gpt/sampling.py's `sample_rows` for the scheduler's CUDA step in two launches, plus the step's bookkeeping.
+
+    if fused_sampling.fits(candidates):
+        ids = fused_sampling.sample_step(logits, slots, b, candidates)   # also advances rows [0, b) of slots
+
+The torch form runs ~80 kernels per step (~160-210 µs on an H100), most of them on the (batch, vocabulary)
+logits one operation at a time. Here `_keys_kernel` applies the repetition penalty and temperature and
+packs each score with its id into one order-preserving int64 (the tie rule of `top_candidates`: equal
+scores in id order) in one pass; up to a top-k of 64 it also sorts its chunk of the vocabulary and keeps the chunk's best 64 (wider:
+`torch.topk` picks the best `candidates` keys); `_pick_kernel` sorts those, then does the
+rest per row in registers (top-k by rank, top-p, the draw from the row's (seed, step) uniform, greedy
+rows take the best id) and advances the row: next input id, output id, penalty mask, position, step.
+The arithmetic is sample_rows' (the same penalty, division and tie order), so the same ids come out up
+to the rounding of the softmax sums; on CPU and for wide top-k the torch form runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+MAX_CANDIDATES = 1024  # the widest top-k the pick kernel holds in registers; wider runs the torch form
+BLOCK_V = 2048  # vocabulary ids per program of the key kernel
+CHUNK_TOP = 64  # up to this top-k, each key program keeps only its chunk's best keys (no torch.topk)
+
+
+def fits(candidates: int) -> bool:
+    return triton is not None and candidates <= MAX_CANDIDATES
+
+
+def sample_step(logits: torch.Tensor, slots, b: int, candidates: int) -> torch.Tensor:
+    """One id per row of `logits` (b, V) with each row's settings in `slots` (gpt/slots.py); updates the
+    rows' tokens, out, seen, pos and steps as the torch form of the step does; returns slots.out[:b]."""
+    V = logits.shape[1]
+    s = slots.settings
+    chunks = triton.cdiv(V, BLOCK_V)
+    if candidates <= CHUNK_TOP:  # each chunk's best CHUNK_TOP keys hold the row's best `candidates`
+        top = torch.empty(b, chunks * CHUNK_TOP, dtype=torch.int64, device=logits.device)
+        keep, width = CHUNK_TOP, chunks * CHUNK_TOP
+    else:
+        top = torch.empty(b, V, dtype=torch.int64, device=logits.device)
+        keep, width = 0, V
+    _keys_kernel[(b, chunks)](logits, slots.seen, s.penalty, s.temperature, top, V, BLOCK=BLOCK_V, KEEP=keep,
+                              num_warps=8)
+    if keep == 0:
+        top = torch.topk(top, candidates, dim=-1).values
+        width = candidates
+    _pick_kernel[(b,)](top, s.temperature, s.top_k, s.top_p, slots.uniforms, slots.steps, slots.active,
+                       slots.seen, slots.tokens, slots.out, slots.pos, V, slots.context, candidates, width,
+                       BLOCK=max(16, triton.next_power_of_2(width)), SORT=keep != 0, num_warps=4)
+    return slots.out[:b]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _keys_kernel(logits_ptr, seen_ptr, pen_ptr, temp_ptr, keys_ptr, V, BLOCK: tl.constexpr,
+                     KEEP: tl.constexpr):
+        row = tl.program_id(0)
+        ids = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = ids < V
+        at = row.to(tl.int64) * V + ids
+        x = tl.load(logits_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        seen = tl.load(seen_ptr + at, mask=ok, other=0).to(tl.int1)
+        pen = tl.load(pen_ptr + row)
+        x = tl.where(seen, tl.where(x < 0, x * pen, tl.math.div_rn(x, pen)), x)
+        t = tl.load(temp_ptr + row)
+        x = tl.math.div_rn(x, tl.where(t > 0, t, 1.0))
+        bits = x.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # integer order == float order
+        key = ordered * 4294967296 + (V - 1 - ids)  # unique per id; equal scores rank by id
+        if KEEP == 0:
+            tl.store(keys_ptr + at, key, mask=ok)
+        else:  # only this chunk's best KEEP keys: sorted, the first KEEP stored
+            key = tl.sort(tl.where(ok, key, -9223372036854775807 - 1), descending=True)
+            rank = tl.arange(0, BLOCK)
+            chunks = tl.num_programs(1)
+            tl.store(keys_ptr + (row * chunks + tl.program_id(1)) * KEEP + rank, key, mask=rank < KEEP)
+
+    @triton.jit
+    def _pick_kernel(top_ptr, temp_ptr, topk_ptr, topp_ptr, uni_ptr, steps_ptr, active_ptr, seen_ptr,
+                     tokens_ptr, out_ptr, pos_ptr, V, context, K, width, BLOCK: tl.constexpr, SORT: tl.constexpr):
+        row = tl.program_id(0)
+        rank = tl.arange(0, BLOCK)
+        key = tl.load(top_ptr + row * width + rank, mask=rank < width, other=-9223372036854775807 - 1)
+        if SORT:  # the chunks' best keys, best first
+            key = tl.sort(key, descending=True)
+        ids = (V - 1 - (key & 4294967295)).to(tl.int32)
+        ordered = (key >> 32).to(tl.int32)
+        vals = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+        keep = (rank < K) & (rank < tl.load(topk_ptr + row))
+        vals = tl.where(keep, vals, -float("inf"))
+        best = tl.max(vals, axis=0)
+        e = tl.exp(vals - best)
+        probs = e / tl.sum(e, axis=0)
+        tail = tl.sum(probs, axis=0) - tl.cumsum(probs, axis=0) + probs  # mass from each rank to the end
+        remove = (tail <= 1 - tl.load(topp_ptr + row)) & (rank > 0)
+        e = tl.where(remove, 0.0, e)
+        cdf = tl.cumsum(e, axis=0)
+        step = tl.load(steps_ptr + row)
+        u = tl.load(uni_ptr + row * (context + 1) + tl.minimum(step, context))
+        chosen = tl.minimum(tl.sum((cdf < u * tl.sum(e, axis=0)).to(tl.int32), axis=0), K - 1)
+        sampled = tl.sum(tl.where(rank == chosen, ids, 0), axis=0)
+        greedy = tl.sum(tl.where(rank == 0, ids, 0), axis=0)
+        new = tl.where(tl.load(temp_ptr + row) > 0, sampled, greedy).to(tl.int64)
+        tl.store(tokens_ptr + row, new)
+        tl.store(out_ptr + row, new)
+        live = tl.load(active_ptr + row).to(tl.int64)
+        if live != 0:
+            tl.store(seen_ptr + row.to(tl.int64) * V + new, 1)
+        tl.store(pos_ptr + row, tl.load(pos_ptr + row) + live)
+        tl.store(steps_ptr + row, step + live)
