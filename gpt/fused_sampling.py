@@ -1,4 +1,4 @@
-"""gpt/sampling.py's `sample_rows` for the scheduler's CUDA step in two launches, plus the step's bookkeeping.
+"""gpt/sampling.py's `sample_rows` for the scheduler's CUDA step in a few launches, plus the step's bookkeeping.
 
     if fused_sampling.fits(candidates):
         ids = fused_sampling.sample_step(logits, slots, b, candidates)   # also advances rows [0, b) of slots
@@ -6,10 +6,10 @@
 The torch form runs ~80 kernels per step (~160-210 µs on an H100), most of them on the (batch, vocabulary)
 logits one operation at a time. Here `_keys_kernel` applies the repetition penalty and temperature and
 packs each score with its id into one order-preserving int64 (the tie rule of `top_candidates`: equal
-scores in id order) in one pass; up to a top-k of 64 it also sorts its chunk of the vocabulary and keeps the chunk's best 64 (wider:
-`torch.topk` picks the best `candidates` keys); `_pick_kernel` sorts those, then does the
-rest per row in registers (top-k by rank, top-p, the draw from the row's (seed, step) uniform, greedy
-rows take the best id) and advances the row: next input id, output id, penalty mask, position, step.
+scores in id order) in one pass; `torch.topk` picks the best `candidates` keys (a Triton sort of each
+vocabulary chunk instead measured no faster at batch 1 and slower at 16); `_pick_kernel` does the rest
+per row in registers (top-k by rank, top-p, the draw from the row's (seed, step) uniform, greedy rows
+take the best id) and advances the row: next input id, output id, penalty mask, position, step.
 The arithmetic is sample_rows' (the same penalty, division and tie order), so the same ids come out up
 to the rounding of the softmax sums; on CPU and for wide top-k the torch form runs.
 """
@@ -26,7 +26,6 @@ except ImportError:
 
 MAX_CANDIDATES = 1024  # the widest top-k the pick kernel holds in registers; wider runs the torch form
 BLOCK_V = 2048  # vocabulary ids per program of the key kernel
-CHUNK_TOP = 64  # up to this top-k, each key program keeps only its chunk's best keys (no torch.topk)
 
 
 def fits(candidates: int) -> bool:
@@ -38,29 +37,20 @@ def sample_step(logits: torch.Tensor, slots, b: int, candidates: int) -> torch.T
     rows' tokens, out, seen, pos and steps as the torch form of the step does; returns slots.out[:b]."""
     V = logits.shape[1]
     s = slots.settings
-    chunks = triton.cdiv(V, BLOCK_V)
-    if candidates <= CHUNK_TOP:  # each chunk's best CHUNK_TOP keys hold the row's best `candidates`
-        top = torch.empty(b, chunks * CHUNK_TOP, dtype=torch.int64, device=logits.device)
-        keep, width = CHUNK_TOP, chunks * CHUNK_TOP
-    else:
-        top = torch.empty(b, V, dtype=torch.int64, device=logits.device)
-        keep, width = 0, V
-    _keys_kernel[(b, chunks)](logits, slots.seen, s.penalty, s.temperature, top, V, BLOCK=BLOCK_V, KEEP=keep,
-                              num_warps=8)
-    if keep == 0:
-        top = torch.topk(top, candidates, dim=-1).values
-        width = candidates
+    keys = torch.empty(b, V, dtype=torch.int64, device=logits.device)
+    _keys_kernel[(b, triton.cdiv(V, BLOCK_V))](logits, slots.seen, s.penalty, s.temperature, keys, V,
+                                                BLOCK=BLOCK_V, num_warps=8)
+    top = torch.topk(keys, candidates, dim=-1).values  # keys are unique: the same ids every run
     _pick_kernel[(b,)](top, s.temperature, s.top_k, s.top_p, slots.uniforms, slots.steps, slots.active,
-                       slots.seen, slots.tokens, slots.out, slots.pos, V, slots.context, candidates, width,
-                       BLOCK=max(16, triton.next_power_of_2(width)), SORT=keep != 0, num_warps=4)
+                       slots.seen, slots.tokens, slots.out, slots.pos, V, slots.context, candidates,
+                       BLOCK=max(16, triton.next_power_of_2(candidates)), num_warps=4)
     return slots.out[:b]
 
 
 if triton is not None:
 
     @triton.jit
-    def _keys_kernel(logits_ptr, seen_ptr, pen_ptr, temp_ptr, keys_ptr, V, BLOCK: tl.constexpr,
-                     KEEP: tl.constexpr):
+    def _keys_kernel(logits_ptr, seen_ptr, pen_ptr, temp_ptr, keys_ptr, V, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         ids = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = ids < V
@@ -73,23 +63,14 @@ if triton is not None:
         x = tl.math.div_rn(x, tl.where(t > 0, t, 1.0))
         bits = x.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # integer order == float order
-        key = ordered * 4294967296 + (V - 1 - ids)  # unique per id; equal scores rank by id
-        if KEEP == 0:
-            tl.store(keys_ptr + at, key, mask=ok)
-        else:  # only this chunk's best KEEP keys: sorted, the first KEEP stored
-            key = tl.sort(tl.where(ok, key, -9223372036854775807 - 1), descending=True)
-            rank = tl.arange(0, BLOCK)
-            chunks = tl.num_programs(1)
-            tl.store(keys_ptr + (row * chunks + tl.program_id(1)) * KEEP + rank, key, mask=rank < KEEP)
+        tl.store(keys_ptr + at, ordered * 4294967296 + (V - 1 - ids), mask=ok)  # equal scores rank by id
 
     @triton.jit
     def _pick_kernel(top_ptr, temp_ptr, topk_ptr, topp_ptr, uni_ptr, steps_ptr, active_ptr, seen_ptr,
-                     tokens_ptr, out_ptr, pos_ptr, V, context, K, width, BLOCK: tl.constexpr, SORT: tl.constexpr):
+                     tokens_ptr, out_ptr, pos_ptr, V, context, K, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         rank = tl.arange(0, BLOCK)
-        key = tl.load(top_ptr + row * width + rank, mask=rank < width, other=-9223372036854775807 - 1)
-        if SORT:  # the chunks' best keys, best first
-            key = tl.sort(key, descending=True)
+        key = tl.load(top_ptr + row * K + rank, mask=rank < K, other=0)  # best first
         ids = (V - 1 - (key & 4294967295)).to(tl.int32)
         ordered = (key >> 32).to(tl.int32)
         vals = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)

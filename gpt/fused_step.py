@@ -9,12 +9,13 @@ PyTorch's attention for one query per row over a masked cache span ran ~50 µs p
 Here a block is four fused products (norm, product, bias, activation, residual in one launch each) and
 two attention kernels: `_attend_kernel` reads each row's past keys and values only up to its own
 position (no mask, no padding span), adds the current token's key and value straight from the q|k|v
-product and writes them into the cache itself; the sequence is cut into `SPLITS` pieces so that a batch
-of one still spreads over the GPU, and `_combine_kernel` merges the pieces. The final norm is fused into
+product and writes them into the cache itself; the past is cut into pieces of `PIECE` positions read by
+programs of their own, so that a batch of one still spreads over the GPU, and `_combine_kernel` merges
+the pieces. The final norm is fused into
 the vocabulary product.
 
 Every kernel computes a batch row the same way whatever the batch size (fixed tiles, fixed split
-count), so a request's logits do not depend on the batch it runs in. The results match the module
+count, pieces by position), so a request's logits do not depend on the batch it runs in. The results match the module
 forward up to the order of additions (checked on the GPU by `benchmarks.serve --check`).
 """
 
@@ -33,7 +34,7 @@ try:
 except ImportError:
     triton = None
 
-SPLITS = 8  # pieces of each row's past that attention reads in parallel
+PIECE = 128  # cache positions one attention program reads (pieces of a row's past run in parallel)
 BLOCK_S = 64  # cache positions per load
 
 
@@ -87,14 +88,16 @@ def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos:
     inactive row) and its current key and value (from `qkv` (b, (nh + 2 nkv) hd)), which are also written
     into the caches (rows, nkv, positions, hd) at `pos`. Output (b, nh · hd) in the model's dtype."""
     b = qkv.shape[0]
-    m = torch.empty(b, nh, SPLITS, device=qkv.device, dtype=torch.float32)
+    splits = triton.cdiv(k_cache.shape[2], PIECE)  # by the cache's length, never by the batch or the row
+    m = torch.empty(b, nh, splits, device=qkv.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
-    acc = torch.empty(b, nh, SPLITS, hd, device=qkv.device, dtype=torch.float32)
-    _attend_kernel[(b, nh, SPLITS)](
+    acc = torch.empty(b, nh, splits, hd, device=qkv.device, dtype=torch.float32)
+    _attend_kernel[(b, nh, splits)](
         qkv, k_cache, v_cache, pos, active, m, l_, acc, k_cache.stride(0), k_cache.stride(1), 1.0 / hd ** 0.5,
-        NH=nh, NKV=nkv, HD=hd, SPLITS=SPLITS, BLOCK_S=BLOCK_S, num_warps=4)
+        splits, NH=nh, NKV=nkv, HD=hd, PIECE=PIECE, BLOCK_S=BLOCK_S, num_warps=4)
     out = torch.empty(b, nh * hd, device=qkv.device, dtype=qkv.dtype)
-    _combine_kernel[(b, nh)](m, l_, acc, out, NH=nh, HD=hd, SPLITS=SPLITS, num_warps=1)
+    _combine_kernel[(b, nh)](m, l_, acc, out, splits, NH=nh, HD=hd, BLOCK=triton.next_power_of_2(splits),
+                             num_warps=1)
     return out
 
 
@@ -120,8 +123,8 @@ if triton is not None:
 
     @triton.jit
     def _attend_kernel(qkv_ptr, k_ptr, v_ptr, pos_ptr, active_ptr, m_ptr, l_ptr, acc_ptr, stride_row,
-                       stride_head, scale, NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
-                       SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                       stride_head, scale, splits, NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
+                       PIECE: tl.constexpr, BLOCK_S: tl.constexpr):
         row = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
@@ -132,9 +135,8 @@ if triton is not None:
         n = tl.where(tl.load(active_ptr + row) != 0, p, 0)  # past positions this row reads
         q = tl.load(qkv_ptr + row * width + h * HD + d).to(tl.float32) * scale
         base = row.to(tl.int64) * stride_row + g * stride_head
-        chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_S) * BLOCK_S
-        start = split * chunk
-        stop = tl.minimum(start + chunk, n)
+        start = split * PIECE
+        stop = tl.minimum(start + PIECE, n)
         # The current token, counted once (in piece 0): its key and value come from this step's product.
         k_new = tl.load(qkv_ptr + row * width + (NH + g) * HD + d)
         v_new = tl.load(qkv_ptr + row * width + (NH + NKV + g) * HD + d)
@@ -158,21 +160,23 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(probs, axis=0)
             acc = acc * alpha + tl.sum(probs[:, None] * values, axis=0)
             m_i = m_new
-        at = (row * NH + h) * SPLITS + split
+        at = (row * NH + h) * splits + split
         tl.store(m_ptr + at, m_i)
         tl.store(l_ptr + at, l_i)
         tl.store(acc_ptr + at * HD + d, acc)
 
     @triton.jit
-    def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NH: tl.constexpr, HD: tl.constexpr,
-                        SPLITS: tl.constexpr):
+    def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, NH: tl.constexpr, HD: tl.constexpr,
+                        BLOCK: tl.constexpr):
         row = tl.program_id(0)
         h = tl.program_id(1)
-        at = (row * NH + h) * SPLITS + tl.arange(0, SPLITS)
-        m = tl.load(m_ptr + at)
+        piece = tl.arange(0, BLOCK)
+        ok = piece < splits
+        at = (row * NH + h) * splits + piece
+        m = tl.load(m_ptr + at, mask=ok, other=-float("inf"))
         weight = tl.exp(m - tl.max(m, axis=0))  # empty pieces have m = -inf: weight 0
-        total = tl.sum(weight * tl.load(l_ptr + at), axis=0)
+        total = tl.sum(weight * tl.load(l_ptr + at, mask=ok, other=0.0), axis=0)
         d = tl.arange(0, HD)
-        acc = tl.load(acc_ptr + at[:, None] * HD + d[None, :])
+        acc = tl.load(acc_ptr + at[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
         out = tl.sum(weight[:, None] * acc, axis=0) / total
         tl.store(out_ptr + row * NH * HD + h * HD + d, out.to(out_ptr.dtype.element_ty))
