@@ -8,12 +8,16 @@ Each request owns one row of a preallocated cache; rows 0..n-1 are the requests 
 scheduler keeps them packed), so one decode step is one call of the model's own forward on a (b, 1)
 batch with a per-row position and an attention mask over cache positions [0, span). Going through the
 model's forward keeps every weight format the model loads (plain or quantised linear layers) working.
+On CUDA with bf16/fp16 plain weights the step runs the same computation in fused kernels instead
+(gpt/fused_step.py: each row's attention reads its own positions only, so no span or mask; sampling in
+gpt/fused_sampling.py), which takes about half the time of the module forward (docs/benchmarks.md).
 Rows past the live ones (padding up to a batch-size bucket, or a request still in prefill) are inactive:
 they write their keys at the scratch position (the last one, which no request uses) and stay put.
 
 Everything a step needs lives in device buffers (`tokens`, `pos`, per-row sampling settings, uniform draws, the
 repetition-penalty mask `seen`), and the step advances them itself, so one step is a fixed sequence of
-kernels: on CUDA it is recorded once per (bucket, span, candidates) as a CUDA graph and replayed. Only the
+kernels: on CUDA it is recorded once per (bucket, span, candidates) as a CUDA graph (the fused step: per
+(bucket, candidates)) and replayed. Only the
 thread that owns the model (the scheduler's) may call anything here.
 """
 
