@@ -2,6 +2,7 @@
 
     out = fused_gemv(x, weight, bias, norm=("layernorm", ln.weight, ln.bias, ln.eps), act="gelu_tanh")
     out = fused_gemv(x, weight, bias, residual=x_res)          # x_res + x @ weight.T + bias
+    out = fused_rows(xs, weight, bias, norm=..., act=...)        # the same for a batch xs (B, K): (B, N)
 
 `x` is one token's hidden state, shape (K,); `weight` is an nn.Linear weight (N, K) (for `act="swiglu"`,
 (2N, K): gate rows then up rows, as gpt/model.py's SwiGLU MLP stores them). The static decoder
@@ -13,6 +14,12 @@ program so that every SM streams weights, halves a GPT-2-124M step.
 Rounding follows the unfused modules (LayerNorm output, linear output, activation output and the residual
 sum are each rounded to the model's dtype), so the fused step computes what the modules compute up to the
 order of additions inside the dot products. `fused_gemv_reference` is that same computation in torch.
+
+`fused_rows` is the batched form the scheduler's decode step uses (gpt/fused_step.py): each program
+loads a tile of BLOCK_N weight rows once and multiplies it with 16 batch rows in one tensor-core product,
+so a batch of 16 reads the weights once, as a batch of one does. Every batch row is computed with the same
+tile sizes and order of additions whatever the batch size, so a row's result does not depend on the
+batch it is in (a seeded reply is the same alone or batched).
 """
 
 from __future__ import annotations
@@ -70,7 +77,114 @@ def fused_gemv(x, weight, bias=None, *, norm=None, act=None, residual=None) -> t
     return out
 
 
+def fused_rows(x, weight, bias=None, *, norm=None, act=None, residual=None) -> torch.Tensor:
+    """`fused_gemv_reference` for a batch in one Triton launch; x (B, K) contiguous, weight (N, K) or (2N, K)
+    for swiglu, residual (B, N); the model's dtype must be bf16 or fp16 (tensor-core products)."""
+    B, K = x.shape
+    rows, _ = weight.shape
+    N = rows // 2 if act == "swiglu" else rows
+    out = torch.empty(B, N, device=x.device, dtype=x.dtype)
+    kind, nw, nb, eps = norm if norm is not None else (None, None, None, 0.0)
+    block_n, block_k, stages = _rows_tiles(N, K)
+    dummy = weight
+    _rows_kernel[(triton.cdiv(N, block_n), triton.cdiv(B, ROWS))](
+        x, weight, bias if bias is not None else dummy, nw if nw is not None else dummy,
+        nb if nb is not None else dummy, residual if residual is not None else dummy, out,
+        B, N, float(eps), K=K,
+        HAS_BIAS=bias is not None, NORM=NORMS[kind], HAS_NORM_BIAS=nb is not None, ACT=ACTS[act],
+        HAS_RES=residual is not None, BLOCK_B=ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        num_stages=stages)
+    return out
+
+
+def _rows_tiles(N: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, pipeline stages) by the product's shape only, never by the batch (so a row's
+    sums do not depend on its batch). Measured on an H100 with the weights coming from memory, GPT-2-124M
+    products at batch 1 and 16: long rows (K >= 2048) want whole rows in flight, small products more programs."""
+    if K >= 2048:
+        return 16, 1024, 3
+    if N >= 8192:
+        return 32, 256, 3
+    if N <= 1024:
+        return 16, 256, 3
+    return 32, 128, 4
+
+
+ROWS = 16  # batch rows per program: the smallest tensor-core tile
+
+
 if triton is not None:
+
+    @triton.jit
+    def _rows_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, nb_ptr, res_ptr, out_ptr, B, N, eps, K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
+                     ACT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        dtype = out_ptr.dtype.element_ty
+        rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        ks = tl.arange(0, BLOCK_K)
+        mean = tl.zeros([BLOCK_B], dtype=tl.float32)
+        rstd = tl.full([BLOCK_B], 1.0, dtype=tl.float32)
+        if NORM != 0:  # per-row statistics in fp32, two passes as the LayerNorm kernel does
+            total = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                c = k0 + ks
+                m = row_ok[:, None] & (c < K)[None, :]
+                total += tl.load(x_ptr + rows[:, None] * K + c[None, :], mask=m, other=0.0).to(tl.float32)
+            if NORM == 1:
+                mean = tl.sum(total, axis=1) / K
+            sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                c = k0 + ks
+                m = row_ok[:, None] & (c < K)[None, :]
+                xc = tl.load(x_ptr + rows[:, None] * K + c[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None]
+                sq += tl.where(m, xc * xc, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=1) / K + eps)
+        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            c = k0 + ks
+            k_ok = c < K
+            xv = tl.load(x_ptr + rows[:, None] * K + c[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                         other=0.0).to(tl.float32)
+            if NORM == 1:
+                nwv = tl.load(nw_ptr + c, mask=k_ok, other=0.0).to(tl.float32)
+                xv = (xv - mean[:, None]) * rstd[:, None] * nwv[None, :]
+                if HAS_NORM_BIAS:
+                    xv += tl.load(nb_ptr + c, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            elif NORM == 2:
+                nwv = tl.load(nw_ptr + c, mask=k_ok, other=0.0).to(tl.float32)
+                xv = (xv * rstd[:, None]).to(dtype).to(tl.float32) * nwv[None, :]
+            xb = xv.to(dtype)
+            wm = col_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + cols[:, None] * K + c[None, :], mask=wm, other=0.0)
+            acc = tl.dot(xb, tl.trans(w), acc)
+            if ACT == 2:
+                wu = tl.load(w_ptr + (cols[:, None] + N) * K + c[None, :], mask=wm, other=0.0)
+                acc_up = tl.dot(xb, tl.trans(wu), acc_up)
+        h = acc
+        if HAS_BIAS:
+            h += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        h = h.to(dtype).to(tl.float32)
+        if ACT == 1:
+            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+            h = (0.5 * h * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))).to(dtype).to(tl.float32)
+        elif ACT == 2:
+            up = acc_up
+            if HAS_BIAS:
+                up += tl.load(b_ptr + cols + N, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            up = up.to(dtype).to(tl.float32)
+            gate = (h * tl.sigmoid(h)).to(dtype).to(tl.float32)
+            h = (gate * up).to(dtype).to(tl.float32)
+        offs = rows[:, None] * N + cols[None, :]
+        om = row_ok[:, None] & col_ok[None, :]
+        if HAS_RES:
+            h += tl.load(res_ptr + offs, mask=om, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, h.to(dtype), mask=om)
+
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, nb_ptr, res_ptr, out_ptr, N, eps, K: tl.constexpr,

@@ -8,9 +8,9 @@
     reply.close()                                      # or just drop it: the request leaves at the next step
 
 Each loop turn of the scheduler thread: drop requests whose consumer went away, admit waiting requests
-into free KV rows (gpt/slots.py), run one chunk of at most `prefill_chunk` prompt tokens of the request
-being prefilled, then one decode step for every request that is decoding, and hand each request its new
-id. Requests join and leave between steps; a prompt's prefill is interleaved with the others' decoding, a
+into free KV rows (gpt/slots.py), queue one decode step for every request that is decoding, run one
+chunk of at most `prefill_chunk` prompt tokens of the request being prefilled (on CUDA the device runs
+the queued step meanwhile), and hand each decoding request its new id. Requests join and leave between steps; a prompt's prefill is interleaved with the others' decoding, a
 chunk at a time, so a long prompt never freezes the other replies. Each request keeps its own sampling
 settings, seed, stop ids and token limit; its draws depend only on (seed, step), so a seeded request
 gives the same reply alone or in any batch (up to floating-point differences batching makes in the
@@ -152,6 +152,7 @@ class Scheduler:
         self._decoding: list[_Job] = []  # index = row
         self._prefilling: _Job | None = None
         self._in_flight: torch.Tensor | None = None  # the new ids of a queued decode step, not yet read
+        self._in_flight_jobs: list[_Job] = []  # the requests of that step, in row order
         self._closed = False
         self.thread: threading.Thread | None = None
         self._threads = torch.get_num_threads()  # the CPU threads the creator gave torch, for the loop too
@@ -245,10 +246,10 @@ class Scheduler:
             return
         self._drop_cancelled()
         self._admit()
+        if self._decoding:  # queued first: the device decodes while this thread issues the prefill's kernels
+            self._launch()
         if self._prefilling is not None:
             self._prefill_chunk()
-        if self._decoding:
-            self._launch()
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -297,6 +298,7 @@ class Scheduler:
         span = min(-(-longest // self.window) * self.window, self.context_length + 1)
         candidates = max(top_k_of(j.params, self._slots.vocab_size) for j in self._decoding)
         self._in_flight = self._slots.step(b, span, candidates)[:n]
+        self._in_flight_jobs = list(self._decoding)
 
     def _collect(self) -> None:
         """Read the step's new ids (the one host read of a step) and hand them out. When no request ends
@@ -304,7 +306,7 @@ class Scheduler:
         while this thread hands the ids out."""
         ids = self._in_flight.tolist()
         self._in_flight = None
-        jobs = list(self._decoding)
+        jobs = self._in_flight_jobs  # a prefill that ended since the launch joined _decoding after these
         for job in jobs:
             job.filled += 1
         if self._steady(jobs, ids):
@@ -358,7 +360,7 @@ class Scheduler:
 
     def _fail_all(self, exc: Exception) -> None:
         jobs = self._decoding + ([self._prefilling] if self._prefilling else [])
-        self._decoding, self._prefilling, self._in_flight = [], None, None
+        self._decoding, self._prefilling, self._in_flight, self._in_flight_jobs = [], None, None, []
         self._slots = None  # start again from a fresh cache
         for job in jobs:
             job.queue.put(exc)

@@ -8,12 +8,16 @@ Each request owns one row of a preallocated cache; rows 0..n-1 are the requests 
 scheduler keeps them packed), so one decode step is one call of the model's own forward on a (b, 1)
 batch with a per-row position and an attention mask over cache positions [0, span). Going through the
 model's forward keeps every weight format the model loads (plain or quantised linear layers) working.
+On CUDA with bf16/fp16 plain weights the step runs the same computation in fused kernels instead
+(gpt/fused_step.py: each row's attention reads its own positions only, so no span or mask; sampling in
+gpt/fused_sampling.py), which takes about half the time of the module forward (docs/benchmarks.md).
 Rows past the live ones (padding up to a batch-size bucket, or a request still in prefill) are inactive:
 they write their keys at the scratch position (the last one, which no request uses) and stay put.
 
 Everything a step needs lives in device buffers (`tokens`, `pos`, per-row sampling settings, uniform draws, the
 repetition-penalty mask `seen`), and the step advances them itself, so one step is a fixed sequence of
-kernels: on CUDA it is recorded once per (bucket, span, candidates) as a CUDA graph and replayed. Only the
+kernels: on CUDA it is recorded once per (bucket, span, candidates) as a CUDA graph (the fused step: per
+(bucket, candidates)) and replayed. Only the
 thread that owns the model (the scheduler's) may call anything here.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from gpt import fused_sampling, fused_step
 from gpt.model import GPT
 from gpt.sampling import RowSettings, SamplingParams, counter_uniforms, sample_rows, top_k_of
 
@@ -81,12 +86,15 @@ class DecodeView:
 class Slots:
     """The KV cache of `rows` requests, each `context` positions (+1 scratch), and the decode step's buffers."""
 
-    def __init__(self, model: GPT, rows: int, context: int, *, graphs: bool = False):
+    def __init__(self, model: GPT, rows: int, context: int, *, graphs: bool = False, fused: bool | None = None):
+        """`fused` (default: where it runs, CUDA with bf16/fp16 plain weights) runs the step through
+        gpt/fused_step.py instead of the model's module forward."""
         cfg = model.config
         w = model.transformer.wte.weight
         self.model, self.rows, self.context = model, rows, context
         self.scratch = context  # the position inactive rows write to; no request reaches it
         self.graphs = graphs
+        self.fused = fused_step.available(model) if fused is None else fused
         shape = (cfg.n_layer, rows, cfg.n_kv_head, context + 1, cfg.head_dim)
         device = w.device
         self.k = torch.zeros(shape, device=device, dtype=w.dtype)
@@ -161,13 +169,18 @@ class Slots:
         """One token for each of rows [0, b): returns the (b,) buffer of new ids (read it before the next step)."""
         if not self.graphs:
             return self._step(b, span, candidates)
-        key = (b, span, candidates)
+        key = (b, 0 if self.fused else span, candidates)  # the fused step reads each row's own length
         graph, out = self._graphs.get(key) or self._capture(key)
         graph.replay()
         return out
 
     def _step(self, b: int, span: int, candidates: int) -> torch.Tensor:
-        logits = self.model(self.tokens[:b].view(b, 1), cache=DecodeView(self, b, span))[:, -1, :]
+        if self.fused:
+            logits = fused_step.forward(self.model, self, b)
+            if fused_sampling.fits(candidates):  # sampling and the rows' advance in three launches
+                return fused_sampling.sample_step(logits, self, b, candidates)
+        else:
+            logits = self.model(self.tokens[:b].view(b, 1), cache=DecodeView(self, b, span))[:, -1, :]
         r = slice(0, b)
         ids = self._sample(logits, r, candidates)
         self.tokens[:b] = ids

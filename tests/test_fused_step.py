@@ -1,0 +1,143 @@
+"""The scheduler's fused CUDA step (gpt/fused_step.py, gpt/fused_sampling.py, gpt/gemv.py `fused_rows`).
+
+The kernels run on CUDA only: these tests run on the GPU host (`python -m pytest tests/test_fused_step.py`
+there) and are skipped elsewhere; on CPU the step runs the module forward, which tests/test_scheduler.py
+pins. They check that the fused step computes what the module forward computes (up to the order of
+additions), that a row's result does not depend on its batch, and that seeded replies reproduce.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt.engine import Engine
+from gpt.model import GPT, GPTConfig
+from gpt.sampling import SamplingParams
+from gpt.slots import DecodeView, Slots
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused step runs on CUDA (GPU host)")
+
+APP_DEFAULT = SamplingParams(temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1)
+SETTINGS = [APP_DEFAULT, SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=20, top_p=0.5,
+                                                                         repetition_penalty=1.3)]
+LLAMA = dict(vocab_size=4096, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536, bias=False,
+             norm="rmsnorm", mlp="swiglu", pos="rope")
+
+
+def model_of(**arch) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=4096, block_size=512, n_layer=2, n_head=12, n_embd=768) | arch
+    return GPT(GPTConfig(**cfg)).to("cuda", torch.bfloat16).eval()
+
+
+def filled_slots(model: GPT, fused: bool, rows: int = 8) -> Slots:
+    """Rows with prompts of different lengths, prefilled through the model, each with its first id."""
+    slots = Slots(model, rows, 256, fused=fused)
+    for r in range(rows):
+        prompt = [(13 * r + 7 * j) % model.config.vocab_size for j in range(5 + 29 * r)]
+        slots.start_row(r, prompt, SETTINGS[r % 3], seed=r)
+        logits = model(torch.tensor([prompt], device="cuda"), cache=slots.prefill_view(r, 0), last_only=True)[:, -1]
+        slots.activate(r, slots.first_token(r, logits), len(prompt))
+    return slots
+
+
+@pytest.mark.parametrize("act,norm", [(None, "layernorm"), ("gelu_tanh", "layernorm"), (None, None),
+                                      ("swiglu", "rmsnorm")])
+def test_fused_products_compute_the_modules_arithmetic_whatever_the_batch(act, norm):
+    from gpt.gemv import fused_gemv_reference, fused_rows
+
+    torch.manual_seed(0)
+    K, N = 768, 1000
+    w = torch.randn(2 * N if act == "swiglu" else N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    bias = torch.randn(w.shape[0], device="cuda", dtype=torch.bfloat16) * 0.1
+    nw, nb = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5, torch.randn(K, device="cuda").bfloat16()
+    spec = {"layernorm": ("layernorm", nw, nb, 1e-5), "rmsnorm": ("rmsnorm", nw, None, 1e-5), None: None}[norm]
+    x = torch.randn(19, K, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(19, N, device="cuda", dtype=torch.bfloat16) if norm is None else None
+    got = fused_rows(x, w, bias, norm=spec, act=act, residual=res)
+    torch.testing.assert_close(got, fused_gemv_reference(x, w, bias, norm=spec, act=act, residual=res),
+                               atol=2e-2, rtol=2e-2)
+    alone = fused_rows(x[3:4].contiguous(), w, bias, norm=spec, act=act,
+                       residual=None if res is None else res[3:4].contiguous())
+    assert torch.equal(alone[0], got[3])
+
+
+@pytest.mark.parametrize("nh,nkv", [(12, 12), (9, 3)])
+def test_one_query_attention_reads_each_row_up_to_its_position_and_writes_its_key_and_value(nh, nkv):
+    from gpt.fused_step import attend, attend_reference
+
+    torch.manual_seed(0)
+    hd, b = 64, 6
+    k = torch.randn(b, nkv, 301, hd, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    qkv = torch.randn(b, (nh + 2 * nkv) * hd, device="cuda", dtype=torch.bfloat16)
+    pos = torch.tensor([0, 1, 127, 128, 299, 300], device="cuda")  # the last row is inactive (scratch)
+    active = torch.tensor([True] * 5 + [False], device="cuda")
+    k2, v2 = k.clone(), v.clone()
+    got = attend(qkv, k, v, pos, active, nh, nkv, hd)
+    torch.testing.assert_close(got, attend_reference(qkv, k2, v2, pos, active, nh, nkv, hd), atol=1e-2, rtol=1e-2)
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("arch", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_the_fused_step_gives_the_module_forwards_logits_and_rows_do_not_depend_on_the_batch(arch):
+    from gpt import fused_step
+
+    model = model_of(**arch)
+    assert fused_step.available(model)
+    with torch.inference_mode():
+        fused, plain = filled_slots(model, True), filled_slots(model, False)
+        agree = 0
+        for _ in range(4):
+            a = fused_step.forward(model, fused, 8).float()
+            b = model(plain.tokens[:8].view(8, 1), cache=DecodeView(plain, 8, 256))[:, -1].float()
+            assert (a - b).abs().max() < 0.1
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            for s in (fused, plain):
+                s.tokens[:8], s.pos[:8] = b.argmax(-1), s.pos[:8] + 1
+        assert agree >= 30  # of 32: bf16 near-ties may differ
+        k, v = fused.k.clone(), fused.v.clone()
+        batch = fused_step.forward(model, fused, 8)
+        fused.k.copy_(k), fused.v.copy_(v)
+        assert torch.equal(fused_step.forward(model, fused, 1)[0], batch[0])
+
+
+@pytest.mark.parametrize("candidates", [1, 50, 200])
+def test_fused_sampling_picks_what_sample_rows_picks_and_advances_the_rows(candidates):
+    from gpt import fused_sampling
+
+    model = model_of()
+    with torch.inference_mode():
+        fused, plain = filled_slots(model, True), filled_slots(model, False)
+        for trial in range(5):
+            logits = (torch.randn(8, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(trial)) * 3)
+            logits = logits.bfloat16()
+            got = fused_sampling.sample_step(logits, fused, 8, candidates).clone()
+            want = plain._sample(logits, slice(0, 8), candidates)
+            assert torch.equal(got, want)
+            plain._note(slice(0, 8), want, plain.active[:8])
+            plain.tokens[:8], plain.pos[:8], plain.steps[:8] = want, plain.pos[:8] + 1, plain.steps[:8] + 1
+            for name in ("seen", "tokens", "pos", "steps"):
+                assert torch.equal(getattr(fused, name), getattr(plain, name)), name
+
+
+def test_seeded_replies_are_the_same_alone_and_batched_through_the_cuda_engine():
+    import threading
+
+    engine = Engine(model_of())
+    assert engine.scheduler.graphs
+    prompts = [[(5 * i + j) % 4096 for j in range(3 + 40 * i)] for i in range(6)]
+    alone = [list(engine.generate(p, 40, SETTINGS[i % 3], seed=i)) for i, p in enumerate(prompts)]
+    batched = [None] * 6
+
+    def one(i):
+        batched[i] = list(engine.generate(prompts[i], 40, SETTINGS[i % 3], seed=i))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.scheduler.close()
+    assert batched == alone
