@@ -141,3 +141,27 @@ def test_seeded_replies_are_the_same_alone_and_batched_through_the_cuda_engine()
         t.join()
     engine.scheduler.close()
     assert batched == alone
+
+
+def test_requests_that_stop_mid_batch_leave_cleanly_while_the_next_step_runs_ahead():
+    import threading
+
+    engine = Engine(model_of())
+    assert engine.scheduler.run_ahead  # on CUDA the next step is queued before a step's ids are read
+    prompts = [[(7 * i + j) % 4096 for j in range(4 + 30 * i)] for i in range(6)]
+    full = [list(engine.generate(p, 40, SETTINGS[i % 3], seed=i)) for i, p in enumerate(prompts)]
+    stops = [{full[i][6 + 5 * i]} if i % 2 else set() for i in range(6)]  # three requests end mid-batch
+    want = [f[:f.index(next(iter(s)))] if s else f for f, s in zip(full, stops, strict=True)]
+    batched = [None] * 6
+
+    def one(i):
+        batched[i] = list(engine.generate(prompts[i], 40, SETTINGS[i % 3], stop_ids=stops[i], seed=i))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = list(engine.generate(prompts[0], 40, SETTINGS[0], seed=0))  # rows freed and reused correctly
+    engine.scheduler.close()
+    assert batched == want and after == full[0]
