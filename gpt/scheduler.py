@@ -129,6 +129,7 @@ class Scheduler:
         device = self.device
         self.capacity = capacity or default_capacity(device)
         self.graphs = device.type == "cuda" if graphs is None else graphs
+        self.run_ahead = self.graphs  # queue the next step before reading this one's ids (_collect)
         self.window = window or (256 if self.graphs else 1)
         self.prefill_chunk = prefill_chunk or (512 if device.type == "cuda" else 128)
         if kv_budget_bytes is None:
@@ -151,8 +152,11 @@ class Scheduler:
         self._waiting: deque[_Job] = deque()
         self._decoding: list[_Job] = []  # index = row
         self._prefilling: _Job | None = None
-        self._in_flight: torch.Tensor | None = None  # the new ids of a queued decode step, not yet read
+        self._in_flight: tuple[torch.Tensor, object] | None = None  # a queued step's new ids (and its event)
         self._in_flight_jobs: list[_Job] = []  # the requests of that step, in row order
+        self._ending: list[_Job] = []  # requests that ended while a step run ahead was in flight
+        self._host: torch.Tensor | None = None  # two pinned buffers the ids of steps in flight are copied to
+        self._flip = 0
         self._closed = False
         self.thread: threading.Thread | None = None
         self._threads = torch.get_num_threads()  # the CPU threads the creator gave torch, for the loop too
@@ -241,6 +245,8 @@ class Scheduler:
     def _turn(self) -> None:
         if self._slots is None:
             self._slots = Slots(self.model, self.capacity, self.context_length, graphs=self.graphs)
+            if self.run_ahead and self.device.type == "cuda":
+                self._host = torch.empty(2, self.capacity, dtype=torch.long, pin_memory=True)
         if self._in_flight is not None:  # collect the step queued last turn (maybe queueing the next)
             self._collect()
             return
@@ -297,28 +303,54 @@ class Scheduler:
         longest = max(j.filled for j in self._decoding) + 1
         span = min(-(-longest // self.window) * self.window, self.context_length + 1)
         candidates = max(top_k_of(j.params, self._slots.vocab_size) for j in self._decoding)
-        self._in_flight = self._slots.step(b, span, candidates)[:n]
+        out = self._slots.step(b, span, candidates)[:n]
+        event = None
+        if self._host is not None:  # copied out now, so the next step can be queued before these are read
+            host = self._host[self._flip, :n]
+            self._flip ^= 1
+            host.copy_(out, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            out = host
+        elif self.run_ahead:  # no device (the step ran already): keep the ids from the next step's writes
+            out = out.clone()
+        self._in_flight = (out, event)
         self._in_flight_jobs = list(self._decoding)
 
     def _collect(self) -> None:
         """Read the step's new ids (the one host read of a step) and hand them out. When no request ends
         with them and nothing waits to join, the next step is queued first, so that the device computes it
-        while this thread hands the ids out."""
-        ids = self._in_flight.tolist()
+        while this thread hands the ids out. With CUDA graphs (`run_ahead`) the next step is queued even
+        before this one's ids are read, since the step itself feeds each row its new id: the device then
+        never waits for this thread. A request that turns out to end here (a stop id) then has one
+        discarded step computed for it, and rows are freed once that step is read."""
+        out, event = self._in_flight
         self._in_flight = None
         jobs = self._in_flight_jobs  # a prefill that ended since the launch joined _decoding after these
+        ahead = self.run_ahead and not self._ending and self._steady(jobs, None)
+        if ahead:
+            self._launch()
+        if event is not None:
+            event.synchronize()
+        ids = out.tolist()
         for job in jobs:
             job.filled += 1
-        if self._steady(jobs, ids):
+        if not ahead and not self._ending and self._steady(jobs, ids):
             self._launch()
-        done = [job for job, token in zip(jobs, ids, strict=True) if not self._deliver(job, token)]
-        self._leave(done, None)
+        done = [job for job, token in zip(jobs, ids, strict=True)
+                if not job.finished and not self._deliver(job, token)]
+        if self._in_flight is not None:  # rows move only between steps: leave once the queued one is read
+            self._ending += done
+        else:
+            self._leave(self._ending + done, None)
+            self._ending = []
 
-    def _steady(self, jobs: list[_Job], ids: list[int]) -> bool:
+    def _steady(self, jobs: list[_Job], ids: list[int] | None) -> bool:
+        """No request joins or ends with this step's ids (`None`: not read yet, stop ids unknown)."""
         if self._prefilling is not None or (self._waiting and len(jobs) < self.capacity):
             return False
-        return not any(j.cancelled or t in j.stop_ids or j.generated + 1 >= j.max_new_tokens
-                       for j, t in zip(jobs, ids, strict=True))
+        return not any(j.cancelled or (t is not None and t in j.stop_ids) or j.generated + 1 >= j.max_new_tokens
+                       for j, t in zip(jobs, ids or [None] * len(jobs), strict=True))
 
     def _deliver(self, job: _Job, token: int) -> bool:
         """Hand `token` to the request's consumer; False when the request has ended."""
@@ -361,6 +393,8 @@ class Scheduler:
     def _fail_all(self, exc: Exception) -> None:
         jobs = self._decoding + ([self._prefilling] if self._prefilling else [])
         self._decoding, self._prefilling, self._in_flight, self._in_flight_jobs = [], None, None, []
+        jobs = [j for j in jobs if not j.finished]  # those that ended while a step ran ahead are done
+        self._ending = []
         self._slots = None  # start again from a fresh cache
         for job in jobs:
             job.queue.put(exc)

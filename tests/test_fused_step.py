@@ -63,6 +63,24 @@ def test_fused_products_compute_the_modules_arithmetic_whatever_the_batch(act, n
     assert torch.equal(alone[0], got[3])
 
 
+def test_split_k_products_add_their_parts_in_a_fixed_order_whatever_the_batch():
+    from gpt import gemv
+    from gpt.gemv import fused_gemv_reference, fused_rows
+
+    torch.manual_seed(0)
+    K, N = 3072, 768
+    assert gemv.SPLIT_K(N, K) > 1  # GPT-2's MLP output product: few tiles, long rows
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16) * 0.1
+    x = torch.randn(19, K, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(19, N, device="cuda", dtype=torch.bfloat16)
+    got = fused_rows(x, w, bias, residual=res)
+    torch.testing.assert_close(got, fused_gemv_reference(x, w, bias, residual=res), atol=2e-2, rtol=2e-2)
+    for _ in range(3):  # the arrival counters are back at zero after every launch
+        assert torch.equal(fused_rows(x, w, bias, residual=res), got)
+    assert torch.equal(fused_rows(x[5:6].contiguous(), w, bias, residual=res[5:6].contiguous())[0], got[5])
+
+
 @pytest.mark.parametrize("nh,nkv", [(12, 12), (9, 3)])
 def test_one_query_attention_reads_each_row_up_to_its_position_and_writes_its_key_and_value(nh, nkv):
     from gpt.fused_step import attend, attend_reference
@@ -141,3 +159,27 @@ def test_seeded_replies_are_the_same_alone_and_batched_through_the_cuda_engine()
         t.join()
     engine.scheduler.close()
     assert batched == alone
+
+
+def test_requests_that_stop_mid_batch_leave_cleanly_while_the_next_step_runs_ahead():
+    import threading
+
+    engine = Engine(model_of())
+    assert engine.scheduler.run_ahead  # on CUDA the next step is queued before a step's ids are read
+    prompts = [[(7 * i + j) % 4096 for j in range(4 + 30 * i)] for i in range(6)]
+    full = [list(engine.generate(p, 40, SETTINGS[i % 3], seed=i)) for i, p in enumerate(prompts)]
+    stops = [{full[i][6 + 5 * i]} if i % 2 else set() for i in range(6)]  # three requests end mid-batch
+    want = [f[:f.index(next(iter(s)))] if s else f for f, s in zip(full, stops, strict=True)]
+    batched = [None] * 6
+
+    def one(i):
+        batched[i] = list(engine.generate(prompts[i], 40, SETTINGS[i % 3], stop_ids=stops[i], seed=i))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = list(engine.generate(prompts[0], 40, SETTINGS[0], seed=0))  # rows freed and reused correctly
+    engine.scheduler.close()
+    assert batched == want and after == full[0]
