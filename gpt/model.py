@@ -129,35 +129,6 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def rope_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """apply_rope as one product per position: x @ M == x * cos + rotate_half(x) * sin, for cos and sin of
-    shape (..., hd); M is (..., hd, hd). A decode step rotates one position per row, so its 30 layers each
-    do one small matmul instead of six elementwise ops (each term of x @ M is a sum of two products and
-    exact zeros: the same values up to the last bit of the fp32 sum)."""
-    hd = cos.shape[-1]
-    half = hd // 2
-    rot = torch.zeros(hd, hd, dtype=cos.dtype, device=cos.device)  # x @ rot == cat(-x2, x1)
-    idx = torch.arange(half, device=cos.device)
-    rot[idx + half, idx] = -1
-    rot[idx, idx + half] = 1
-    return torch.diag_embed(cos) + rot * sin.unsqueeze(-2)
-
-
-def attend_one(q, k, v, mask=None):
-    """Attention of one new position per row, q (B, H, 1, hd) over k, v (B, H_kv, S, hd) (grouped: query head
-    h reads kv head h // (H / H_kv), as SDPA's enable_gqa), with a boolean mask (B, 1, 1, S) or None.
-
-    What a CPU decode step uses instead of SDPA: at one query the fused kernel's set-up (the boolean mask
-    turned into an additive one, blocking, the GQA expansion) cost more than the arithmetic; these are five
-    plain ops on the cache as it lies."""
-    B, H, _, hd = q.shape
-    groups = H // k.shape[1]
-    att = torch.matmul(q.view(B, k.shape[1], groups, hd) * (1.0 / math.sqrt(hd)), k.transpose(-1, -2))
-    if mask is not None:
-        att = torch.where(mask, att, float("-inf"))
-    return torch.matmul(att.softmax(-1), v).view(B, H, 1, hd)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
@@ -172,27 +143,21 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         hd = cfg.head_dim
         nq, nqk = cfg.n_head, cfg.n_head + cfg.n_kv_head
-        # Products in a narrower format (gpt/quantize.py) return their own dtype: cast once, here.
-        qkv = self.c_attn(x).to(x.dtype).view(B, T, nqk + cfg.n_kv_head, hd)
+        qkv = self.c_attn(x).view(B, T, nqk + cfg.n_kv_head, hd)
         qk = qkv[:, :, :nqk]
-        if isinstance(rope, torch.Tensor):  # one position per row: (B or 1, hd, hd) rotations (rope_matrices)
-            qk = torch.matmul(qk.view(B, nqk, hd), rope).view(B, T, nqk, hd)
-        elif rope is not None:  # q and k heads are adjacent: one rotation for both
+        if rope is not None:  # q and k heads are adjacent: one rotation for both
             cos, sin = rope
             qk = apply_rope(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))
         q, k, v = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2), qkv[:, :, nqk:].transpose(1, 2)
         mask, causal = None, True
         if cache is not None:  # a KVCache, or the scheduler's per-row slots (gpt/slots.py)
             k, v, mask, causal = cache.update(self.layer, k, v)
-        if T == 1 and x.device.type == "cpu" and not self.training:
-            y = attend_one(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-                dropout_p=cfg.dropout if self.training else 0.0,
-                enable_gqa=cfg.n_kv_head != cfg.n_head)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+            dropout_p=cfg.dropout if self.training else 0.0,
+            enable_gqa=cfg.n_kv_head != cfg.n_head)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_embd)
-        return self.resid_dropout(self.c_proj(y))  # in the product's dtype: the residual sum promotes it
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -205,7 +170,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        h = self.c_fc(x)  # int8 / bf16 products: bf16 here and through c_proj (no casts in between)
+        h = self.c_fc(x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
@@ -293,8 +258,6 @@ class GPT(nn.Module):
         else:
             cos, sin = self._rope(0, self.config.block_size, idx.device)
             rope = cos[pos], sin[pos]  # (T, hd), or (B, T, hd) where each row has its own positions
-            if T == 1 and not self.training:  # a decode step: each row's rotation as one matrix
-                rope = rope_matrices(rope[0].reshape(-1, rope[0].shape[-1]), rope[1].reshape(-1, rope[1].shape[-1]))
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, cache)
@@ -302,7 +265,7 @@ class GPT(nn.Module):
             cache.advance(T)
         x = self.transformer.ln_f(x)
         if last_only and targets is None:
-            return self.lm_head(x[:, -1:, :]).to(x.dtype)
+            return self.lm_head(x[:, -1:, :])
         if loss_only and targets is not None:
             keep = targets.reshape(-1) != -1
             if loss_mask is not None:
@@ -314,7 +277,7 @@ class GPT(nn.Module):
             if weights is None:
                 return None, losses.sum() / max(1, losses.numel())
             return None, (losses * weights).sum() / weights.sum().clamp(min=1.0)
-        logits = self.lm_head(x).to(x.dtype)
+        logits = self.lm_head(x)
         if targets is None:
             return logits
         losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),

@@ -18,9 +18,8 @@ activations and outputs to bf16 as the kernel does: a prompt's prefill computes 
 `bf16` on CPU stores the products' weights in bf16 the same way (Bf16Linear). The int8 format keeps a few
 products in bf16 (INT8_BF16_MODULES: the head and the MLP's gate|up, measured to keep answers right). The
 rest of the model (norms, attention, KV cache, residual stream, embedding lookup) stays in the model's
-dtype (fp32 on CPU); products hand back their bf16 output and the model casts once where it needs fp32
-(the residual sums promote by themselves), so a layer does not pay a cast after every product. The tied
-head gets its own copy; the embedding table keeps its rows for the lookup, which reads one row per token.
+dtype (fp32 on CPU). The tied head gets its own copy; the embedding table keeps its rows for the lookup,
+which reads one row per token.
 """
 
 from __future__ import annotations
@@ -91,8 +90,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """An nn.Linear with int8 weights; input (..., K) in any leading shape. The output stays in the kernel's
-    bf16 (fp32 with a bias): the model casts once where it needs its own dtype, not after every product."""
+    """An nn.Linear with int8 weights; input (..., K) in any leading shape, output in the input's dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -110,13 +108,15 @@ class Int8Linear(nn.Module):
         return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = x.reshape(-1, self.in_features)
         if rows.shape[0] <= MATVEC_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale)
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
         else:  # the kernel's rounding (bf16 activations and output), through fp32 GEMM: prefill = decode
-            y = F.linear(rows.float(), self.dequantized()).to(torch.bfloat16)
-        if self.bias is not None:
-            y = y + self.bias
+            y = F.linear(rows.to(torch.bfloat16).float(), self.dequantized()).to(torch.bfloat16).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -145,6 +145,7 @@ class Bf16Linear(nn.Module):
             y = F.linear(rows, self.weight)
         else:
             y = F.linear(rows.float(), self.weight.float()).to(torch.bfloat16)
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint
-from gpt.model import GPT, GPTConfig, apply_rope, attend_one, rope_matrices
+from gpt.model import GPT, GPTConfig
 
 LLAMA_LIKE = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48,
                   bias=False, norm="rmsnorm", mlp="swiglu", pos="rope", rope_theta=500.0, tie_embeddings=False)
@@ -94,26 +94,6 @@ def test_kv_cache_decoding_equals_full_forward_at_every_step(arch):
 def test_chunked_prefill_after_a_filled_prefix_equals_full_forward(arch):
     torch.manual_seed(1)
     _cached_logits_equal_full_forward(GPT(GPTConfig(**arch)), prompt_len=20, steps=5, chunk=7)
-
-
-def test_a_decode_steps_rotation_matrices_rotate_as_rotate_half_does():
-    cfg = GPTConfig(**LLAMA_LIKE)
-    model = GPT(cfg)
-    cos, sin = model._rope(0, cfg.block_size, "cpu")
-    pos = torch.tensor([0, 5, 63])
-    x = torch.randn(3, 6, cfg.head_dim, generator=torch.Generator().manual_seed(4))  # (rows, q+k heads, hd)
-    expected = apply_rope(x, cos[pos][:, None], sin[pos][:, None])
-    torch.testing.assert_close(torch.matmul(x, rope_matrices(cos[pos], sin[pos])), expected, atol=1e-6, rtol=0)
-
-
-def test_one_position_attention_equals_sdpa_with_grouped_heads_and_a_mask():
-    g = torch.Generator().manual_seed(5)
-    q, k, v = torch.randn(3, 6, 1, 8, generator=g), torch.randn(3, 2, 11, 8, generator=g), torch.randn(3, 2, 11, 8, generator=g)
-    mask = (torch.arange(11)[None, :] <= torch.tensor([10, 4, 0])[:, None]).view(3, 1, 1, 11)  # rows at 10, 4, 0
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(attend_one(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(attend_one(q, k, v), torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, enable_gqa=True), atol=1e-6, rtol=1e-5)
 
 
 def test_last_only_logits_are_the_last_position_of_the_full_logits():
