@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from benchmarks.measure import (
 )
 from gpt.engine import Engine
 from gpt.model import GPT, GPTConfig
-from gpt.quantize import apply_weight_format, resolve_weight_format
+from gpt.quantize import INT8_BF16_MODULES, apply_weight_format, resolve_weight_format
 from gpt.sampling import SamplingParams
 
 SMOLLM2_CHECKPOINT = Path("models/native/smollm2-135m-instruct")
@@ -265,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": device.type, "hardware": hardware_name(device),
         "dtype": str(dtype).replace("torch.", ""), "weights": weights or FORMAT_NAMES[native_dtype],
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "bf16_products": list(INT8_BF16_MODULES) if weights == "int8" else [],  # int8's products kept in bf16
         "native_fast_path": engine.scheduler.graphs, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "load_average": _load_average(),
         "copy_gb_s": bandwidth / 1e9, "weight_mb": wbytes / 2**20, "roofline_tok_s": roofline,
     }
     for name, s in series.items():
@@ -290,11 +293,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average when the run ended (a busy machine slows the 2-thread kernels most)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def print_report(result: dict, series: dict[str, Series]) -> None:
     print(f"{result['model']} on {result['hardware']} ({result['device']}, transformers {result['dtype']}, "
           f"native {result['weights']} weights), "
           f"{result['prompt_tokens']}-token prompt + {result['new_tokens']} greedy tokens, batch 1, "
           f"median of {result['repeats']}")
+    if result["bf16_products"]:
+        print(f"int8 keeps these products in bf16: {', '.join(result['bf16_products'])}")
     print(f"roofline: {result['copy_gb_s']:.1f} GB/s copy / {result['weight_mb']:.0f} MiB weights "
           f"= {result['roofline_tok_s']:.0f} tok/s")
     print(f"{'backend':<10} {'decode tok/s':>12} {'% roofline':>10} {'TTFT s':>8} {'prefill tok/s':>13} "

@@ -1,7 +1,7 @@
 """Weight formats for serving a native model: int8 (weight-only, per-output-channel scales), bf16, fp32.
 
     model, tokenizer, meta = load_checkpoint(path)       # full precision, as trained and saved
-    apply_weight_format(model, "int8")                   # in place: every nn.Linear (the head too) -> Int8Linear
+    apply_weight_format(model, "int8")                   # in place: nn.Linear -> Int8Linear (INT8_BF16_MODULES bf16)
     check_weight_format("int4")                          # ValueError that names the formats
     fmt, dtype = resolve_weight_format("auto", torch.device("cpu"), None)   # (CPU_DEFAULT, torch.float32)
 
@@ -15,9 +15,11 @@ weights with per-row scales; activations stay unquantised, so only the weights l
 matrix-vector kernel: beyond `MATVEC_MAX_ROWS` rows (a prompt's prefill) fp32 GEMM is faster on CPUs
 without native bf16 arithmetic, so those products dequantise the weight and run fp32 GEMM, rounding
 activations and outputs to bf16 as the kernel does: a prompt's prefill computes what decoding computes.
-`bf16` on CPU stores the products' weights in bf16 the same way (Bf16Linear). The rest of the model
-(norms, attention, KV cache, residual stream, embedding lookup) stays in the model's dtype (fp32 on CPU); the tied head gets its own int8 copy, the embedding table keeps its rows
-for the lookup, which reads one row per token.
+`bf16` on CPU stores the products' weights in bf16 the same way (Bf16Linear). The int8 format keeps a few
+products in bf16 (INT8_BF16_MODULES: the head and the MLP's gate|up, measured to keep answers right). The
+rest of the model (norms, attention, KV cache, residual stream, embedding lookup) stays in the model's
+dtype (fp32 on CPU). The tied head gets its own copy; the embedding table keeps its rows for the lookup,
+which reads one row per token.
 """
 
 from __future__ import annotations
@@ -29,11 +31,17 @@ import torch.nn.functional as F
 from gpt.device import pick_dtype
 
 WEIGHT_FORMATS = ("int8", "bf16", "fp32")
-# What `auto` serves on CPU (docs/benchmarks.md, 2026-11-22): int8 flips one of the 12 quality questions of
-# training/quality.py on SmolLM2, so it is opt-in. bf16 keeps all 12 and its products are 2.3x faster on a
-# quiet 2-core box, but on the busy box its 2-thread kernels stall at thread barriers and end to end it
-# was slower than fp32 (0.82x transformers); until a quiet side-by-side run shows it faster, fp32 stays.
-CPU_DEFAULT = "fp32"
+# What `auto` serves on CPU (docs/benchmarks.md, 2026-11-22): int8 (with INT8_BF16_MODULES in bf16) answers
+# the 12 quality questions of training/quality.py as fp32 does and decoded fastest of the three formats in
+# one process, alternating (int8 < bf16 < fp32 time per token); bf16 also keeps quality and is the choice
+# where a CPU lacks the int8 kernel's speed; fp32 is the reference.
+CPU_DEFAULT = "int8"
+# Products the int8 format keeps in bf16 (a module path or its last parts; measured, docs/benchmarks.md):
+# with every product in int8, SmolLM2 answered one of the 12 quality questions wrongly; the head (a quarter
+# of int8's divergence from fp32) and the MLP's gate|up products in bf16 answer all 12 as fp32 does. On
+# this CPU bf16 matrix-vector products cost only ~25 % more per weight than the int8 kernel, so the mix
+# stays the fastest format that keeps quality.
+INT8_BF16_MODULES: tuple[str, ...] = ("lm_head", "mlp.c_fc")
 MATVEC_MAX_ROWS = 16  # products with more rows upcast the weight and run fp32 GEMM (faster there, see above)
 
 
@@ -163,13 +171,16 @@ def apply_weight_format(model: nn.Module, weights: str | None) -> nn.Module:
         if device.type != "cpu":
             raise ValueError(f"weights='int8' runs on CPU only (the model is on {device.type}): use bf16 there.")
         with torch.no_grad():
-            _swap_linears(model, Int8Linear if weights == "int8" else Bf16Linear)
+            _swap_linears(model, Int8Linear if weights == "int8" else Bf16Linear,
+                          keep_bf16=INT8_BF16_MODULES if weights == "int8" else ())
     return model
 
 
-def _swap_linears(module: nn.Module, cls) -> None:
+def _swap_linears(module: nn.Module, cls, keep_bf16=(), prefix: str = "") -> None:
     for name, child in module.named_children():
+        path = f"{prefix}{name}"
         if isinstance(child, nn.Linear):
-            setattr(module, name, cls.from_linear(child))
+            keep = any(path == k or path.endswith(f".{k}") for k in keep_bf16)
+            setattr(module, name, (Bf16Linear if keep else cls).from_linear(child))
         else:
-            _swap_linears(child, cls)
+            _swap_linears(child, cls, keep_bf16, f"{path}.")

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from benchmarks import decode, train
+from gpt.quantize import INT8_BF16_MODULES
 
 TINY_DECODE = ["--device", "cpu", "--dtype", "fp32", "--n-layer", "2", "--n-head", "2", "--n-embd", "64",
                "--prompt-tokens", "24", "--new-tokens", "6", "--repeats", "2", "--bandwidth-mib", "16", "--json"]
@@ -40,6 +41,7 @@ def test_decode_benchmark_reports_the_weight_format_its_perplexity_ratio_and_pre
     assert decode.main(TINY_DECODE + ["--weights", "int8"]) == 0
     result = last_json_line(capsys)
     assert result["weights"] == "int8" and result["dtype"] == "float32"  # transformers stays the fp32 reference
+    assert result["bf16_products"] == list(INT8_BF16_MODULES)  # what the int8 format keeps in bf16, on record
     assert result["ppl_tokens"] > 2000  # the shipped text, tokenised
     assert result["ppl_ratio"] == pytest.approx(result["ppl"] / result["ppl_fp32"])
     assert 0.98 < result["ppl_ratio"] < 1.02

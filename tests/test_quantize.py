@@ -11,6 +11,7 @@ from gpt.checkpoint import load_checkpoint
 from gpt.engine import Engine
 from gpt.quantize import (
     CPU_DEFAULT,
+    INT8_BF16_MODULES,
     MATVEC_MAX_ROWS,
     Bf16Linear,
     Int8Linear,
@@ -61,7 +62,11 @@ def test_int8_model_picks_the_same_greedy_tokens_as_fp32_on_the_tiny_model(tiny_
     fp32, tokenizer, _ = load_checkpoint(tiny_native_ckpt)
     int8, _, _ = load_checkpoint(tiny_native_ckpt)
     apply_weight_format(int8, "int8")
-    assert isinstance(int8.lm_head, Int8Linear) and isinstance(int8.transformer.h[0].mlp.c_fc, Int8Linear)
+    for name, module in int8.named_modules():  # int8, except the products measured to need bf16
+        if isinstance(module, (Int8Linear, Bf16Linear, torch.nn.Linear)):
+            kept = any(name == k or name.endswith(f".{k}") for k in INT8_BF16_MODULES)
+            assert type(module) is (Bf16Linear if kept else Int8Linear), name
+    assert isinstance(int8.transformer.h[1].attn.c_attn, Int8Linear)
     assert int8.transformer.wte.weight.dtype == torch.float32  # the lookup keeps full-precision rows
     prompt = tokenizer.encode("Hello there, how are you today?")
     ids = [list(Engine(m).generate(prompt, 16, SamplingParams(temperature=0.0))) for m in (fp32, int8)]
@@ -78,8 +83,8 @@ def test_native_backend_serves_the_format_and_keeps_the_checkpoint_full_precisio
     served = create_backend("native", checkpoint=str(tiny_native_ckpt), weights=weights)
     fp32 = create_backend("native", checkpoint=str(tiny_native_ckpt), weights="fp32")
     kind = Int8Linear if weights == "int8" else Bf16Linear
-    assert isinstance(served._model().engine.model.lm_head, kind)
-    assert not isinstance(fp32._model().engine.model.lm_head, (Int8Linear, Bf16Linear))
+    assert isinstance(served._model().engine.model.transformer.h[0].attn.c_attn, kind)
+    assert not isinstance(fp32._model().engine.model.transformer.h[0].attn.c_attn, (Int8Linear, Bf16Linear))
     prompt = served.format_chat([{"role": "user", "content": "Hello there! How are you?"}])
     assert served.generate(prompt, GREEDY) == fp32.generate(prompt, GREEDY)
     assert (tiny_native_ckpt / "model.safetensors").read_bytes() == before
@@ -87,7 +92,8 @@ def test_native_backend_serves_the_format_and_keeps_the_checkpoint_full_precisio
 
 def test_the_default_native_backend_on_cpu_serves_the_measured_default_format(tiny_native_ckpt):
     model = create_backend("native", checkpoint=str(tiny_native_ckpt))._model().engine.model
-    assert type(model.lm_head) is {"int8": Int8Linear, "bf16": Bf16Linear, "fp32": torch.nn.Linear}[CPU_DEFAULT]
+    product = model.transformer.h[0].attn.c_attn
+    assert type(product) is {"int8": Int8Linear, "bf16": Bf16Linear, "fp32": torch.nn.Linear}[CPU_DEFAULT]
 
 
 def test_a_bad_weights_value_is_one_sentence_that_names_the_formats(tiny_native_ckpt):
