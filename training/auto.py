@@ -34,6 +34,7 @@ EPOCHS = 8
 ROWS_PER_BATCH = {"cpu": 2, "cuda": 8}
 EXAMPLES_PER_ROW = 2  # rows fit two of the longest examples: short ones pack together, far less padding
 PATIENCE = 2  # evaluations (epochs) without a val-loss improvement
+REPLAY = 24  # general prompts whose base answers train alongside the log (training.replay)
 BLOCK_ROUND = 8  # row length rounded up to a multiple of this (kinder to matmul kernels)
 
 
@@ -53,6 +54,14 @@ def resolve_block_and_batch(cfg: TrainConfig, device: torch.device, longest: int
         cfg.batch_size = ROWS_PER_BATCH.get(device.type, 8)
         chosen.append("batch_size")
     return chosen
+
+
+def resolve_replay(cfg: TrainConfig) -> list[str]:
+    """Fill `replay` (needed before the data is prepared); returns the names chosen."""
+    if is_auto(cfg, "replay"):
+        cfg.replay = REPLAY
+        return ["replay"]
+    return []
 
 
 def resolve_auto(cfg: TrainConfig, *, device: torch.device, rows_per_epoch: int, val_rows: int,
@@ -90,10 +99,12 @@ def describe(cfg: TrainConfig, device: torch.device, steps_per_epoch: int, chose
     epochs = cfg.max_iters / steps_per_epoch
     stop = (mark("patience", f"stop after {cfg.patience} evaluations without improvement") if cfg.patience
             else mark("patience", "no early stopping"))
+    replay = mark("replay", f"replaying the base's answers to {cfg.replay} general prompts" if cfg.replay
+                  else "no replay")
     return (f"settings on {device.type} (* chosen from the data and device; each has a --flag): {method}, "
             f"{mark('lr', f'lr {cfg.lr:g}')} -> {mark('min_lr', f'{cfg.min_lr:g}')}, "
             f"{mark('max_iters', f'{cfg.max_iters} steps')} ({mark('epochs', f'{epochs:g} epochs')} of "
             f"{steps_per_epoch}), {mark('batch_size', f'{cfg.batch_size} rows')} x "
             f"{mark('block_size', f'{cfg.block_size} tokens')}, {mark('warmup_iters', f'warmup {cfg.warmup_iters}')}"
             f", {mark('eval_interval', f'val loss every {cfg.eval_interval} steps')} "
-            f"({mark('eval_iters', f'{cfg.eval_iters} batches')}), {stop}")
+            f"({mark('eval_iters', f'{cfg.eval_iters} batches')}), {stop}, {replay}")

@@ -40,7 +40,7 @@ from gpt.checkpoint import (
 )
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
-from training.auto import resolve_auto, resolve_block_and_batch
+from training.auto import resolve_auto, resolve_block_and_batch, resolve_replay
 from training.batches import ChatBatches
 from training.config import add_config_flags, load_config, overrides_from_args
 from training.data import (
@@ -54,6 +54,7 @@ from training.data import (
 )
 from training.lora import apply_lora, merged_copy
 from training.outputs import work_dir_for
+from training.replay import replay_examples
 from training.report import compare, recall, retention, taught_examples
 from training.run import (
     EXIT_INTERRUPTED,
@@ -165,6 +166,7 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
     if args.show_examples:
         return show_examples(args, cfg)
     status.update(phase="loading the base model")
+    replay_chosen: list[str] = []
     if args.resume:
         check_out(out, resume=True)
         model, tokenizer, meta = load_checkpoint(out)
@@ -175,9 +177,17 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
         base = load_base(args.base)
         check_out(out, resume=False, base_path=base.path)
         model, tokenizer, base_source = base.model, base.tokenizer, base.source
+        replay_chosen = resolve_replay(cfg)
+
+        def replay(selections):
+            if not cfg.replay:
+                return []
+            status.update(phase="asking the base the replay prompts")
+            return replay_examples(model.to(device), tokenizer, cfg.replay, usual_system_prompt(selections))
+
         manifest = prepare_once(dist, data_dir, lambda: prepare_chat_data(
             args.history, tokenizer, data_dir, only_liked=args.only_liked, exclude_disliked=args.exclude_disliked,
-            min_exchanges=args.min_exchanges, val_fraction=cfg.val_fraction, seed=cfg.seed))
+            min_exchanges=args.min_exchanges, val_fraction=cfg.val_fraction, seed=cfg.seed, replay=replay))
         say(dist, describe_data(manifest))
 
     n_params = model.get_num_params()
@@ -189,7 +199,7 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
     batches = ChatBatches(train, val, cfg.block_size, cfg.batch_size, pad_id=tokenizer.eot_id, seed=cfg.seed,
                           rank=dist.rank, world_size=dist.world_size)
     say(dist, resolve_auto(cfg, device=device, rows_per_epoch=batches.rows_per_epoch, val_rows=batches.val_rows,
-                           chosen=chosen))
+                           chosen=chosen + replay_chosen))
     measure = dist.is_main and not args.resume and not args.no_report
     if measure:
         status.update(phase="asking the base the retention questions")
@@ -291,7 +301,8 @@ def describe_data(manifest: dict) -> str:
         s = splits[name]
         lines.append(f"{name}: {len(s['conversations'])} conversations, {s['examples']} examples, "
                      f"{s['tokens']:,} tokens ({s['target_tokens']:,} assistant tokens, longest example "
-                     f"{s['longest']})")
+                     f"{s['longest']})" + (f"; {s['replay']} of them the base's answers to replay prompts"
+                                           if s.get("replay") else ""))
     return "\n".join(lines)
 
 

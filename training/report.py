@@ -28,6 +28,7 @@ from gpt.model import GPT
 from gpt.sampling import SamplingParams
 from gpt.slots import bytes_per_position
 from gpt.tokenizer import Tokenizer
+from training.data import fresh_exchange, prompt_encoder
 from training.quality import QUESTIONS, Question, is_right
 
 MAX_ANSWER_TOKENS = 32  # retention answers are one sentence; a longer one is cut (and judged as it stands)
@@ -44,23 +45,11 @@ class Taught:
     reply_ids: list[int]  # up to and including the end marker
 
 
-def _encode(fmt: ChatFormat, tokenizer: Tokenizer):
-    return tokenizer.encode_markup if fmt.uses_template else tokenizer.encode
-
-
 def render_question(fmt: ChatFormat, tokenizer: Tokenizer, question: str, system_prompt: str | None = None,
                     reply: str | None = None) -> tuple[list[int], list[int]]:
-    """Prompt ids for `question` as the native backend renders it, and (if given) the reply's ids through the
-    first end-of-turn id."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": question}]
-    encode = _encode(fmt, tokenizer)
-    prompt = encode(fmt.render(messages))
-    if reply is None:
-        return prompt, []
-    ids = encode(fmt.reply_text(messages, reply))
-    if not fmt.uses_template:
-        ids = ids + [tokenizer.eot_id]
+    """Prompt ids for `question` asked afresh (training.data.fresh_exchange), and (if given) the reply's ids
+    through the first end-of-turn id: what greedy decoding must produce before it stops."""
+    prompt, ids = fresh_exchange(fmt, tokenizer, question, system_prompt, reply)
     end = next((i for i, t in enumerate(ids) if t in tokenizer.stop_ids), len(ids) - 1)
     return prompt, ids[:end + 1]
 
@@ -155,7 +144,7 @@ def retention(model: GPT, tokenizer: Tokenizer, reference: RetentionResult | Non
     prompts = [render_question(fmt, tokenizer, q.question, system_prompt)[0] for q in questions]
     answers: list[str | None] = [None] * len(questions)
     if reference is not None:
-        encode = _encode(fmt, tokenizer)
+        encode = prompt_encoder(fmt, tokenizer)
         pairs = []
         for prompt, answer in zip(prompts, reference.answers, strict=True):
             ids = encode(answer)
