@@ -41,7 +41,7 @@ from training.data import (
 )
 from training.finetune import usual_system_prompt
 from training.loop import Distributed, Trainer
-from training.lora import apply_lora, merged_copy
+from training.lora import LoRALinear, apply_lora, merged_copy
 from training.replay import replay_examples
 from training.report import greedy_answers, render_question, reproduces, retention
 
@@ -51,9 +51,11 @@ VARIANTS = {
     "replay32": {"replay": 32},
     "replay24-lr3e-3": {"replay": 24, "lr": 3e-3},
     "replay24-lr1e-3": {"replay": 24, "lr": 1e-3},
-    "replay24-r4": {"replay": 24, "lora_rank": 4, "lora_alpha": 8.0},
     "replay24-attn": {"replay": 24, "lora_targets": "attention", "lr": 3e-3},
     "replay12": {"replay": 12},
+    "replay24-mlp": {"replay": 24, "lora_targets": "mlp"},
+    "replay32-lr1.5e-3": {"replay": 32, "lr": 1.5e-3},
+    "replay24-r4": {"replay": 24, "lora_rank": 4, "lora_alpha": 8.0},
     "full-replay24-lr3e-5": {"replay": 24, "lora_rank": 0, "lr": 3e-5},
     "full-replay24-lr1e-4": {"replay": 24, "lora_rank": 0, "lr": 1e-4},
 }
@@ -69,7 +71,8 @@ def probe(model, tokenizer, fmt, system_prompt, replay_val) -> dict:
     kept = retention(plain, tokenizer, system_prompt=system_prompt)
     held = reproduces(plain, replay_val)
     return {"taught": sum(right[:8]), "paraphrased": sum(right[8:]), "retention": kept.n_right,
-            "replay_held": sum(held), "replay_held_of": len(held)}
+            "replay_held": sum(held), "replay_held_of": len(held),
+            "wrong": [a[:60] for a, r in zip(kept.answers, kept.right, strict=True) if not r]}
 
 
 def run_variant(name: str, overrides: dict, args, log: Path, work: Path, replay_all) -> list[dict]:
@@ -103,11 +106,20 @@ def run_variant(name: str, overrides: dict, args, log: Path, work: Path, replay_
     steps_per_epoch = math.ceil(batches.rows_per_epoch / cfg.batch_size)
 
     def on_eval(m, _opt, state):
-        p = probe(m, tokenizer, fmt, system_prompt, replay_val)
-        rows.append({"variant": name, "epoch": state.iteration / steps_per_epoch, "step": state.iteration,
-                     "train_loss": round(state.history[-1]["train_loss"], 4),
-                     "val_loss": round(state.history[-1]["val_loss"], 4), **p})
-        print(json.dumps(rows[-1]), flush=True)
+        epoch = state.iteration / steps_per_epoch
+        if epoch < args.probe_from:
+            return
+        for shrink in args.shrink:  # the LoRA update scaled toward the base (1: as trained)
+            lora = [x for x in m.modules() if isinstance(x, LoRALinear)]
+            for x in lora:
+                x.scale *= shrink
+            p = probe(m, tokenizer, fmt, system_prompt, replay_val)
+            for x in lora:
+                x.scale /= shrink
+            rows.append({"variant": name, "epoch": epoch, "step": state.iteration, "shrink": shrink,
+                         "train_loss": round(state.history[-1]["train_loss"], 4),
+                         "val_loss": round(state.history[-1]["val_loss"], 4), **p})
+            print(json.dumps(rows[-1]), flush=True)
         m.train()
 
     trainer = Trainer(model.to(device), batches, cfg, device, Distributed(), on_eval=on_eval, progress=False)
@@ -123,6 +135,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--epochs", type=float, default=10.0)
+    p.add_argument("--probe-from", type=float, default=0.0, help="probe only from this epoch on")
+    p.add_argument("--shrink", type=lambda t: [float(x) for x in t.split(",")], default=[1.0],
+                   help="comma-separated factors the LoRA update is scaled by when probing (default 1)")
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--json", default=None, help="write every row to this file")
     args = p.parse_args(argv)

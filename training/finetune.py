@@ -8,10 +8,12 @@
 Each conversation of the log is rendered exactly as the native backend renders prompts at inference (loss on
 the replies and their end markers only; a conversation's turns share one sequence), split about 90/10 by
 conversation (conversations with an edit always train; val also asks each edit afresh), and stored as
-memory-mapped token/mask arrays in `<out>.train/data/`. Settings left "auto" (configs/finetune.toml) are
-chosen by training/auto.py and printed in one line. Training keeps the checkpoint with the lowest val loss in
---out (atomically; the base is never touched), plus meta.json and loss_curve.png, then reports recall of the
-edited/liked replies and retention of training/quality.py's questions (training/report.py, in meta.json).
+memory-mapped token/mask arrays in `<out>.train/data/`, with the base's own answers to training/replay.py's
+general prompts (against forgetting). Settings left "auto" (configs/finetune.toml) are chosen by
+training/auto.py and printed in one line. Training keeps in --out (atomically; the base is never touched) the
+checkpoint that reproduces the most taught edits asked afresh, the lowest val loss among those (a LoRA update
+then shrunk toward the base as far as those edits survive), plus meta.json and loss_curve.png, then reports
+recall of the edited/liked replies and retention of training/quality.py's questions (training/report.py).
 `--status FILE` keeps a JSON progress record: the app's fine-tune panel runs this command and watches it.
 Exit status: 0 done, 2 bad input (one-sentence message), 130 interrupted (the best so far is kept).
 """
@@ -55,7 +57,7 @@ from training.data import (
 from training.lora import apply_lora, merged_copy
 from training.outputs import work_dir_for
 from training.replay import replay_examples
-from training.report import compare, recall, retention, taught_examples
+from training.report import compare, recall, reproduces, retention, split_probes, taught_examples
 from training.run import (
     EXIT_INTERRUPTED,
     UsageError,
@@ -221,10 +223,16 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
                      "exchanges": source["usable_exchanges"],
                      **{f"{name}_{key}": splits[name][key] for name in ("train", "val")
                         for key in ("examples", "tokens", "target_tokens")}}}
+    n_probes, n_replay = splits["train"].get("taught_probes", 0), splits["train"].get("replay", 0)
+    probes = split_probes(train, len(train) - n_replay - n_probes, n_probes, tokenizer.stop_ids)
+
+    def known(m):  # checkpoint choice: the taught edits, asked afresh, that greedy decoding reproduces
+        return sum(reproduces(m, probes))
+
     status.update(phase="training", total=cfg.max_iters)
     code = train_and_report(model, tokenizer, batches, cfg, out, meta, dist=dist, device=device,
                             resume=args.resume, progress=not args.no_progress, export=merged_copy,
-                            on_step=status.on_step)
+                            on_step=status.on_step, known=known if probes else None)
     if code == 0 and is_checkpoint(out):
         status.update(checkpoint=str(out))
     if code == 0 and measure and is_checkpoint(out):

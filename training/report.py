@@ -93,6 +93,19 @@ def reproduces(model: GPT, sequences: list[tuple[list[int], list[int]]], batch_s
     return out
 
 
+def split_probes(split, start: int, count: int, stop_ids) -> list[tuple[list[int], list[int]]]:
+    """Examples `start`..`start + count` of a prepared split (training.data: the taught probes follow the
+    conversations) as (prompt, reply through its first end marker) pairs for `reproduces`."""
+    pairs = []
+    for i in range(start, start + count):
+        ids, mask = (a.tolist() for a in split.example(i))
+        first = mask.index(1)
+        reply = ids[first:]
+        end = next((j for j, t in enumerate(reply) if t in stop_ids), len(reply) - 1)
+        pairs.append((ids[:first], reply[:end + 1]))
+    return pairs
+
+
 def recall(model: GPT, taught: list[Taught]) -> dict:
     """How many of the taught replies the model reproduces, by kind, and which questions it misses."""
     hits = reproduces(model, [(t.prompt_ids, t.reply_ids) for t in taught])
