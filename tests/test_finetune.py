@@ -387,3 +387,34 @@ def test_a_flag_wins_over_the_auto_choice(tiny_base, log, tmp_path, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("settings on"))
     assert "full fine-tuning," in line and "96 tokens," in line and "3 steps (" in line
     assert json.loads((out / "meta.json").read_text())["config"]["block_size"] == 96
+
+
+def test_replay_prompts_never_include_the_retention_questions():
+    """Training on the retention set would make the report's retention figure meaningless."""
+    from training.quality import QUESTIONS
+    from training.replay import REPLAY_PROMPTS
+
+    def words(text):
+        return " ".join(re.findall(r"\w+", text.lower()))
+
+    assert len(REPLAY_PROMPTS) == len(set(REPLAY_PROMPTS)) >= 24
+    assert not {words(p) for p in REPLAY_PROMPTS} & {words(q.question) for q in QUESTIONS}
+
+
+def test_the_kept_checkpoint_is_the_one_that_reproduces_the_most_taught_edits(tiny_base, tmp_path):
+    records = fact_log_records(6)
+    for r in list(records):  # the user corrected every first reply
+        if r["turn"] == 0:
+            records.append({"type": "feedback", "conversation_id": r["conversation_id"], "turn": 0,
+                            "rating": "like", "edited": r["assistant"]})
+            r["assistant"] = "I do not know."
+    log = write_log(tmp_path / "chat_history.jsonl", records)
+    out = tmp_path / "out"
+    assert main(["--history", str(log), "--base", str(tiny_base), "--out", str(out), *FAST, "--no-report",
+                 "--max-iters", "80", "--eval-interval", "20", "--patience", "0", "--replay", "0"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    known = {h["iter"]: h["known"] for h in meta["history"]}
+    best = max(known.values())
+    assert best > known[0] == 0  # the base knows none of the edits; training teaches some
+    assert meta["best_iter"] == min((h for h in meta["history"] if h["known"] == best),
+                                    key=lambda h: h["val_loss"])["iter"]

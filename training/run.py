@@ -139,7 +139,7 @@ def train_and_report(model: GPT, tokenizer: Tokenizer, batches, cfg: TrainConfig
 
 def summary(result: LoopResult, out: Path) -> str:
     s = result.state
-    why = {"max_iters": "reached --max-iters", "early_stopping": "early stopping (val loss stopped improving)",
+    why = {"max_iters": "reached --max-iters", "early_stopping": "early stopping (neither the taught edits reproduced nor the val loss improved)",
            "interrupted": "interrupted"}[result.stopped]
     if not s.history:
         return f"stopped ({why}) before the first evaluation; nothing was written to {out}."
