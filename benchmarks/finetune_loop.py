@@ -8,7 +8,7 @@ Writes benchmarks.finetune_log's 35-exchange log (8 facts taught by edited repli
 runs `python -m training.finetune --history LOG` with no hyperparameter flags in a child process (base:
 the newest native checkpoint of a scratch models directory holding only the base), and prints its wall
 time and peak memory (the child's max RSS), then asks the fine-tuned model each fact as taught and in other
-words (greedy; right when the reply contains the fact's key word) and prints the run's own report
+words (greedy; right when the reply contains the fact's key words, whole: `fact_right`) and prints the run's own report
 (recall, retention on training.quality). The machine's load average is printed with the figures: on a
 shared machine the wall time depends on it.
 """
