@@ -7,7 +7,8 @@ AdamW from `GPT.configure_optimizers` (fused on CUDA, decay on 2-D weights only)
 cosine decay to min_lr, gradient accumulation and clipping, autocast in bf16/fp16 on CUDA, optional
 torch.compile, train/val loss every eval_interval steps (iteration 0 included: the base's own val loss),
 early stopping after `patience` evaluations without a val-loss decrease of `min_delta`, and `on_best`
-whenever the val loss is the lowest so far. Under torchrun (DDP) every process trains on its own batches,
+whenever the val loss is the lowest so far. Given `known` (fine-tuning: how many taught edits the model
+reproduces), checkpoints rank by (known, val loss) instead, and either improving counts for patience. Under torchrun (DDP) every process trains on its own batches,
 losses are averaged over processes, and only rank 0 calls `on_best`/`on_eval` and draws the progress bar.
 Ctrl-C (or SIGTERM) stops after the current step; a save in progress finishes first.
 """
