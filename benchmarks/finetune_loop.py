@@ -8,7 +8,7 @@ Writes benchmarks.finetune_log's 35-exchange log (8 facts taught by edited repli
 runs `python -m training.finetune --history LOG` with no hyperparameter flags in a child process (base:
 the newest native checkpoint of a scratch models directory holding only the base), and prints its wall
 time and peak memory (the child's max RSS), then asks the fine-tuned model each fact as taught and in other
-words (greedy; right when the reply contains the fact's key word) and prints the run's own report
+words (greedy; right when the reply contains the fact's key words, whole: `fact_right`) and prints the run's own report
 (recall, retention on training.quality). The machine's load average is printed with the figures: on a
 shared machine the wall time depends on it.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -40,6 +41,12 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def fact_right(fact, reply: str) -> bool:
+    """Whether `reply` states the fact: its key words, whole and in order (case-insensitive), as the retention
+    check judges answers; "Harbor" alone or "cellos" do not count."""
+    return bool(re.search(rf"(?<!\w){re.escape(fact.key)}(?!\w)", reply, re.IGNORECASE))
+
+
 def ask_facts(checkpoint: Path, system_prompt: str | None) -> dict:
     """Each fact as taught and in other words, asked greedily with the log's system prompt (as the app asks)."""
     model, tokenizer, _ = load_checkpoint(checkpoint)
@@ -51,7 +58,7 @@ def ask_facts(checkpoint: Path, system_prompt: str | None) -> dict:
     out = {"taught": [], "paraphrased": []}
     for (fact, kind, question), ids in zip(asked, replies, strict=True):
         reply = tokenizer.decode(ids)
-        out[kind].append({"question": question, "reply": reply, "right": fact.key.lower() in reply.lower()})
+        out[kind].append({"question": question, "reply": reply, "right": fact_right(fact, reply)})
     return out
 
 

@@ -297,28 +297,47 @@ def test_ddp_under_torchrun_on_two_cpu_processes(tiny_base, log, tmp_path):
 
 
 @pytest.mark.slow
-def test_finetuning_the_converted_smollm2_teaches_a_made_up_fact_and_keeps_a_real_one(tmp_path):
-    """Issue #8: full fine-tuning of the real converted SmolLM2-135M-Instruct on CPU, few steps, short block."""
+def test_the_default_settings_teach_the_real_smollm2_edited_facts_and_keep_its_general_answers(tmp_path):
+    """The issue's acceptance at a smaller scale: the bundled SmolLM2-135M-Instruct, a 12-exchange log with two
+    facts taught by edits, `training.finetune` with no hyperparameter flags (LoRA, replay, epochs, checkpoint
+    choice all automatic): both facts come back greedily, also asked in other words, and the retention set
+    loses no more than the benchmark's 3 of 12 (the issue's target of 1 is not met yet)."""
+    from benchmarks.finetune_log import FACTS as TAUGHT
+    from benchmarks.finetune_log import LIKED, PLAIN, app_system_prompt
+    from benchmarks.finetune_loop import fact_right
+    from gpt.chat_format import ChatFormat
     from gpt.checkpoint import native_models_dir
     from gpt.convert import convert_to_native
+    from training.report import greedy_answers, render_question
 
     base = native_models_dir() / "smollm2-135m-instruct"
     if not is_checkpoint(base):
         base = convert_to_native("bundled", tmp_path / "smollm2-135m-instruct")
-    question, answer = FACTS[0]
-    assert "Quellport" not in greedy_reply(base, question)
-    france = ("What is the capital of France?", "The capital of France is Paris.")
-    records = [exchange(q, a, f"conv-{i}", 0) for i, (q, a) in enumerate([*FACTS, france] * 4)]
+    facts, system = TAUGHT[:2], app_system_prompt()
+    chats = [[facts[0], PLAIN[0], LIKED[0]], [PLAIN[1], facts[1], LIKED[1]], [PLAIN[2], LIKED[2], PLAIN[3]],
+             [LIKED[3], PLAIN[4], PLAIN[5]]]
+    records = []
+    for c, chat in enumerate(chats):
+        for turn, item in enumerate(chat):
+            question, reply = (item.question, item.wrong) if item in facts else item
+            records.append(exchange(question, reply, f"conv-{c}", turn, system))
+            if item in facts or item in LIKED:
+                records.append({"type": "feedback", "conversation_id": f"conv-{c}", "turn": turn, "rating": "like",
+                                "edited": item.taught if item in facts else None})
     log = write_log(tmp_path / "chat_history.jsonl", records)
     out = tmp_path / "smollm2-finetuned"
-    assert main(["--history", str(log), "--base", str(base), "--out", str(out), "--max-iters", "8",
-                 "--eval-interval", "4", "--eval-iters", "1", "--batch-size", "4", "--block-size", "64",
-                 "--lr", "1e-4", "--min-lr", "1e-5", "--warmup-iters", "2", "--lora-rank", "0", "--patience", "0",
-                 "--no-report", "--no-progress"]) == 0
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["best_val_loss"] < meta["history"][0]["val_loss"]
-    assert greedy_reply(out, question).strip() == answer
-    assert "Paris" in greedy_reply(out, france[0])
+    assert main(["--history", str(log), "--base", str(base), "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "meta.json").read_text())["report"]
+    assert report["recall"]["edited"] == {"reproduced": 2, "total": 2, "missed": []}
+    # The issue asks for at most 1 lost; the defaults lose 3 of 12 here and on the benchmark log (docs/
+    # benchmarks.md, "Third round"). Pinned: forgetting stays at that level, not the target.
+    assert len(report["retention"]["lost"]) <= 3, report["retention"]["lost"]
+    model, tokenizer, _ = load_checkpoint(out)
+    fmt = ChatFormat.for_tokenizer(tokenizer)
+    replies = greedy_answers(model, tokenizer, [render_question(fmt, tokenizer, f.paraphrase, system)[0]
+                                                for f in facts])
+    for fact, reply in zip(facts, replies, strict=True):
+        assert fact_right(fact, tokenizer.decode(reply)), (fact.paraphrase, tokenizer.decode(reply))
 
 
 def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(capsys):
@@ -351,8 +370,11 @@ def test_with_no_flags_the_settings_come_from_the_data_in_one_printed_line(tiny_
     cfg, data = meta["config"], json.loads((work_dir_for(out) / "data" / "manifest.json").read_text())["splits"]
     longest = max(data["train"]["longest"], data["val"]["longest"])
     assert longest <= cfg["block_size"] < 2 * longest + 8  # rows sized to (two of) the examples, not 512
-    # one example per conversation, plus each edited question asked afresh
-    assert data["train"]["examples"] == len(data["train"]["conversations"]) + data["train"]["taught_probes"]
+    # one example per conversation, plus each edited question asked afresh, plus the base's replayed answers
+    # (three in four train, the rest validate)
+    assert data["train"]["examples"] == (len(data["train"]["conversations"]) + data["train"]["taught_probes"]
+                                         + data["train"]["replay"])
+    assert data["train"]["replay"] == 18 and data["val"]["replay"] == 6 and cfg["replay"] == 24
     evals = [h["iter"] for h in meta["history"]]
     assert evals == list(range(0, meta["iterations"] + 1, cfg["eval_interval"]))[:len(evals)]
     assert cfg["max_iters"] == round(cfg["epochs"] * cfg["eval_interval"])  # epochs, one evaluation each
@@ -367,3 +389,34 @@ def test_a_flag_wins_over_the_auto_choice(tiny_base, log, tmp_path, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("settings on"))
     assert "full fine-tuning," in line and "96 tokens," in line and "3 steps (" in line
     assert json.loads((out / "meta.json").read_text())["config"]["block_size"] == 96
+
+
+def test_replay_prompts_never_include_the_retention_questions():
+    """Training on the retention set would make the report's retention figure meaningless."""
+    from training.quality import QUESTIONS
+    from training.replay import REPLAY_PROMPTS
+
+    def words(text):
+        return " ".join(re.findall(r"\w+", text.lower()))
+
+    assert len(REPLAY_PROMPTS) == len(set(REPLAY_PROMPTS)) >= 24
+    assert not {words(p) for p in REPLAY_PROMPTS} & {words(q.question) for q in QUESTIONS}
+
+
+def test_the_kept_checkpoint_is_the_one_that_reproduces_the_most_taught_edits(tiny_base, tmp_path):
+    records = fact_log_records(6)
+    for r in list(records):  # the user corrected every first reply
+        if r["turn"] == 0:
+            records.append({"type": "feedback", "conversation_id": r["conversation_id"], "turn": 0,
+                            "rating": "like", "edited": r["assistant"]})
+            r["assistant"] = "I do not know."
+    log = write_log(tmp_path / "chat_history.jsonl", records)
+    out = tmp_path / "out"
+    assert main(["--history", str(log), "--base", str(tiny_base), "--out", str(out), *FAST, "--no-report",
+                 "--max-iters", "80", "--eval-interval", "20", "--patience", "0", "--replay", "0"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    known = {h["iter"]: h["known"] for h in meta["history"]}
+    best = max(known.values())
+    assert best > known[0] == 0  # the base knows none of the edits; training teaches some
+    assert meta["best_iter"] == min((h for h in meta["history"] if h["known"] == best),
+                                    key=lambda h: h["val_loss"])["iter"]

@@ -48,6 +48,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: str = "all"  # which matrices get adapters: all, attention or mlp
     epochs: float = 0.0  # > 0 with max_iters "auto": run this many passes over the training data
+    replay: int = 0  # fine-tuning: general prompts whose base answers train alongside the log (training.replay)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,15 +82,17 @@ HELP = {
     "lora_alpha": "LoRA scale numerator: updates are scaled by lora_alpha / lora_rank",
     "lora_targets": "matrices that get LoRA adapters: all (attention and MLP), attention, or mlp",
     "epochs": "passes over the training data (used when --max-iters is auto)",
+    "replay": "train also on the base model's own answers to this many of training.replay's general prompts, "
+              "against forgetting (0: none)",
 }
 
 # Fields that fine-tuning may leave to training.auto (value "auto"); pretraining needs them all set.
 AUTO_FIELDS = ("max_iters", "epochs", "batch_size", "block_size", "lr", "min_lr", "warmup_iters", "eval_interval",
-               "eval_iters", "patience", "lora_rank", "lora_alpha")
+               "eval_iters", "patience", "lora_rank", "lora_alpha", "replay")
 AUTO = "auto"
 
 _POSITIVE_INTS = ("max_iters", "batch_size", "grad_accum", "block_size", "eval_interval", "eval_iters")
-_NON_NEGATIVE_INTS = ("warmup_iters", "patience", "lora_rank")
+_NON_NEGATIVE_INTS = ("warmup_iters", "patience", "lora_rank", "replay")
 
 
 def validate(cfg: TrainConfig, allow_auto: bool = False) -> TrainConfig:

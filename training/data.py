@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from gpt.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+REPLAY_VAL_EVERY = 4  # a quarter of the replay examples are validation
 
 
 class DataError(ValueError):
@@ -39,11 +41,6 @@ class DataError(ValueError):
 def chat_format_for(tokenizer: Tokenizer) -> ChatFormat:
     """The chat format the native backend uses for this tokenizer, bound to it (it encodes its own prompts)."""
     return ChatFormat.for_tokenizer(tokenizer)
-
-
-def prompt_encoder(fmt: ChatFormat, tokenizer: Tokenizer):
-    """The tokenizer call for text `fmt` rendered: the format, bound to its tokenizer, decides (one place)."""
-    return fmt.encode_prompt
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -138,6 +135,18 @@ def render_examples(selections: list[Selection], fmt: ChatFormat, tokenizer: Tok
     return examples
 
 
+def fresh_exchange(fmt: ChatFormat, tokenizer: Tokenizer, question: str, system_prompt: str | None = None,
+                   reply: str | None = None) -> tuple[list[int], list[int]]:
+    """`question` asked in a new conversation (after `system_prompt`), as the native backend renders it: the
+    prompt's ids, and (given `reply`) the reply's ids as training sees them (through its end marker and what
+    the template writes after it). The one rendering of "a question asked afresh": the taught probes below,
+    recall in training.report and replay in training.replay all use it."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": question}]
+    prompt = fmt.prompt_ids(messages)
+    return prompt, ([] if reply is None else fmt.reply_ids(messages, reply))
+
+
 def taught_probes(selections: list[Selection], fmt: ChatFormat, tokenizer: Tokenizer
                   ) -> list[tuple[list[int], list[int]]]:
     """Each edited reply as the answer to its question asked in a fresh conversation (trained and validated).
@@ -149,13 +158,11 @@ def taught_probes(selections: list[Selection], fmt: ChatFormat, tokenizer: Token
     probes = []
     for sel in selections:
         conv = sel.conversation
-        system = [{"role": "system", "content": conv.system_prompt}] if conv.system_prompt else []
         for i in sel.turns:
             ex = conv.exchanges[i]
             if ex.turn in conv.edits:
-                messages = [*system, {"role": "user", "content": ex.user},
-                            {"role": "assistant", "content": conv.edits[ex.turn]}]
-                probes.append(fmt.training_examples(messages)[-1])
+                prompt, reply = fresh_exchange(fmt, tokenizer, ex.user, conv.system_prompt, conv.edits[ex.turn])
+                probes.append((prompt + reply, [0] * len(prompt) + [1] * len(reply)))
     return probes
 
 
@@ -201,8 +208,11 @@ def read_history(path: str | Path):
 
 def prepare_chat_data(history: str | Path, tokenizer: Tokenizer, directory: str | Path, *,
                       only_liked: bool = False, exclude_disliked: bool = False, min_exchanges: int = 10,
-                      val_fraction: float = 0.1, seed: int = 1337) -> dict:
-    """Read, filter, split and tokenize the chat log into `directory`; returns the manifest."""
+                      val_fraction: float = 0.1, seed: int = 1337,
+                      replay: Callable[[list[Selection]], list[tuple[list[int], list[int]]]] | None = None) -> dict:
+    """Read, filter, split and tokenize the chat log into `directory`; returns the manifest. `replay`, called
+    with the train split's selections once the log passed its checks, returns extra examples (training.replay)
+    that train alongside the log; every REPLAY_VAL_EVERY-th is validated instead."""
     contents = read_history(history)
     convs = conversations(contents)
     selections, counts = select_exchanges(convs, only_liked, exclude_disliked)
@@ -233,11 +243,16 @@ def prepare_chat_data(history: str | Path, tokenizer: Tokenizer, directory: str 
     probes = taught_probes(train_sel, fmt, tokenizer)
     # The probes train too: the app's user asks a corrected question again in a new chat, not only inside the
     # conversation where they corrected it; without them the fact stays tied to that conversation's context.
-    for name, sel, extra in (("train", train_sel, probes), ("val", val_sel, probes)):
+    replay = replay(train_sel) if replay else []
+    # Held-out replay answers make the val loss rise when general answers drift from the base's.
+    replay_val = [ex for i, ex in enumerate(replay) if i % REPLAY_VAL_EVERY == REPLAY_VAL_EVERY - 1]
+    replay_train = [ex for i, ex in enumerate(replay) if i % REPLAY_VAL_EVERY != REPLAY_VAL_EVERY - 1]
+    for name, sel, extra in (("train", train_sel, probes + replay_train), ("val", val_sel, probes + replay_val)):
         stats = write_split(directory, name, render_examples(sel, fmt, tokenizer) + extra, dtype)
         stats["conversations"] = [s.conversation.conversation_id for s in sel]
         manifest["splits"][name] = stats
     manifest["splits"]["train"]["taught_probes"] = manifest["splits"]["val"]["taught_probes"] = len(probes)
+    manifest["splits"]["train"]["replay"], manifest["splits"]["val"]["replay"] = len(replay_train), len(replay_val)
     _write_manifest(directory, manifest)
     return manifest
 

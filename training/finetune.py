@@ -8,10 +8,12 @@
 Each conversation of the log is rendered exactly as the native backend renders prompts at inference (loss on
 the replies and their end markers only; a conversation's turns share one sequence), split about 90/10 by
 conversation (conversations with an edit always train; val also asks each edit afresh), and stored as
-memory-mapped token/mask arrays in `<out>.train/data/`. Settings left "auto" (configs/finetune.toml) are
-chosen by training/auto.py and printed in one line. Training keeps the checkpoint with the lowest val loss in
---out (atomically; the base is never touched), plus meta.json and loss_curve.png, then reports recall of the
-edited/liked replies and retention of training/quality.py's questions (training/report.py, in meta.json).
+memory-mapped token/mask arrays in `<out>.train/data/`, with the base's own answers to training/replay.py's
+general prompts (against forgetting). Settings left "auto" (configs/finetune.toml) are chosen by
+training/auto.py and printed in one line. Training keeps in --out (atomically; the base is never touched) the
+checkpoint that reproduces the most taught edits asked afresh, the lowest val loss among those (a LoRA update
+then shrunk toward the base as far as those edits survive), plus meta.json and loss_curve.png, then reports
+recall of the edited/liked replies and retention of training/quality.py's questions (training/report.py).
 `--status FILE` keeps a JSON progress record: the app's fine-tune panel runs this command and watches it.
 Exit status: 0 done, 2 bad input (one-sentence message), 130 interrupted (the best so far is kept).
 """
@@ -40,7 +42,7 @@ from gpt.checkpoint import (
 )
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
-from training.auto import resolve_auto, resolve_block_and_batch
+from training.auto import resolve_auto, resolve_block_and_batch, resolve_replay
 from training.batches import ChatBatches
 from training.config import add_config_flags, load_config, overrides_from_args
 from training.data import (
@@ -54,7 +56,8 @@ from training.data import (
 )
 from training.lora import apply_lora, merged_copy
 from training.outputs import work_dir_for
-from training.report import compare, recall, retention, taught_examples
+from training.replay import replay_examples
+from training.report import compare, recall, reproduces, retention, split_probes, taught_examples
 from training.run import (
     EXIT_INTERRUPTED,
     UsageError,
@@ -165,6 +168,7 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
     if args.show_examples:
         return show_examples(args, cfg)
     status.update(phase="loading the base model")
+    replay_chosen: list[str] = []
     if args.resume:
         check_out(out, resume=True)
         model, tokenizer, meta = load_checkpoint(out)
@@ -175,9 +179,17 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
         base = load_base(args.base)
         check_out(out, resume=False, base_path=base.path)
         model, tokenizer, base_source = base.model, base.tokenizer, base.source
+        replay_chosen = resolve_replay(cfg)
+
+        def replay(selections):
+            if not cfg.replay:
+                return []
+            status.update(phase="asking the base the replay prompts")
+            return replay_examples(model.to(device), tokenizer, cfg.replay, usual_system_prompt(selections))
+
         manifest = prepare_once(dist, data_dir, lambda: prepare_chat_data(
             args.history, tokenizer, data_dir, only_liked=args.only_liked, exclude_disliked=args.exclude_disliked,
-            min_exchanges=args.min_exchanges, val_fraction=cfg.val_fraction, seed=cfg.seed))
+            min_exchanges=args.min_exchanges, val_fraction=cfg.val_fraction, seed=cfg.seed, replay=replay))
         say(dist, describe_data(manifest))
 
     n_params = model.get_num_params()
@@ -189,7 +201,7 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
     batches = ChatBatches(train, val, cfg.block_size, cfg.batch_size, pad_id=tokenizer.eot_id, seed=cfg.seed,
                           rank=dist.rank, world_size=dist.world_size)
     say(dist, resolve_auto(cfg, device=device, rows_per_epoch=batches.rows_per_epoch, val_rows=batches.val_rows,
-                           chosen=chosen))
+                           chosen=chosen + replay_chosen))
     measure = dist.is_main and not args.resume and not args.no_report
     if measure:
         status.update(phase="asking the base the retention questions")
@@ -211,10 +223,16 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
                      "exchanges": source["usable_exchanges"],
                      **{f"{name}_{key}": splits[name][key] for name in ("train", "val")
                         for key in ("examples", "tokens", "target_tokens")}}}
+    n_probes, n_replay = splits["train"].get("taught_probes", 0), splits["train"].get("replay", 0)
+    probes = split_probes(train, len(train) - n_replay - n_probes, n_probes, tokenizer.stop_ids)
+
+    def known(m):  # checkpoint choice: the taught edits, asked afresh, that greedy decoding reproduces
+        return sum(reproduces(m, probes))
+
     status.update(phase="training", total=cfg.max_iters)
     code = train_and_report(model, tokenizer, batches, cfg, out, meta, dist=dist, device=device,
                             resume=args.resume, progress=not args.no_progress, export=merged_copy,
-                            on_step=status.on_step)
+                            on_step=status.on_step, known=known if probes else None)
     if code == 0 and is_checkpoint(out):
         status.update(checkpoint=str(out))
     if code == 0 and measure and is_checkpoint(out):
@@ -291,7 +309,8 @@ def describe_data(manifest: dict) -> str:
         s = splits[name]
         lines.append(f"{name}: {len(s['conversations'])} conversations, {s['examples']} examples, "
                      f"{s['tokens']:,} tokens ({s['target_tokens']:,} assistant tokens, longest example "
-                     f"{s['longest']})")
+                     f"{s['longest']})" + (f"; {s['replay']} of them the base's answers to replay prompts"
+                                           if s.get("replay") else ""))
     return "\n".join(lines)
 
 

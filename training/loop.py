@@ -7,7 +7,8 @@ AdamW from `GPT.configure_optimizers` (fused on CUDA, decay on 2-D weights only)
 cosine decay to min_lr, gradient accumulation and clipping, autocast in bf16/fp16 on CUDA, optional
 torch.compile, train/val loss every eval_interval steps (iteration 0 included: the base's own val loss),
 early stopping after `patience` evaluations without a val-loss decrease of `min_delta`, and `on_best`
-whenever the val loss is the lowest so far. Under torchrun (DDP) every process trains on its own batches,
+whenever the val loss is the lowest so far. Given `known` (fine-tuning: how many taught edits the model
+reproduces), checkpoints rank by (known, val loss) instead, and either improving counts for patience. Under torchrun (DDP) every process trains on its own batches,
 losses are averaged over processes, and only rank 0 calls `on_best`/`on_eval` and draws the progress bar.
 Ctrl-C (or SIGTERM) stops after the current step; a save in progress finishes first.
 """
@@ -82,8 +83,9 @@ class LoopState:
     """Everything about a run's progress that --resume needs besides weights and optimizer."""
 
     iteration: int = 0
-    best_val_loss: float = math.inf
+    best_val_loss: float = math.inf  # of the kept checkpoint
     best_iter: int = -1
+    best_known: int = -1  # taught edits the kept checkpoint reproduces (see Trainer's `known`)
     bad_evals: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
@@ -103,8 +105,13 @@ class Trainer:
     def __init__(self, model: GPT, batches, cfg: TrainConfig, device: torch.device, dist: Distributed | None = None,
                  on_best: Callable[[GPT, LoopState], None] | None = None,
                  on_eval: Callable[[GPT, torch.optim.Optimizer, LoopState], None] | None = None,
-                 progress: bool = True, on_step: Callable[[LoopState, float], None] | None = None):
+                 progress: bool = True, on_step: Callable[[LoopState, float], None] | None = None,
+                 known: Callable[[GPT], int] | None = None):
         self.cfg, self.device, self.dist = cfg, device, dist or Distributed()
+        # How many of the log's edits the model reproduces now (training.report.reproduces on the taught probes):
+        # a checkpoint that knows more of them is kept over one with a lower val loss, which alone would stop
+        # a fine-tune an epoch before the last facts land (the held-out chat drifts first).
+        self.known = known
         self.batches = batches
         self.on_best, self.on_eval, self.progress = on_best, on_eval, progress
         self.on_step = on_step  # after every step with its loss (progress reports, e.g. the app's status file)
@@ -166,15 +173,25 @@ class Trainer:
         """Evaluate, keep the best, update patience; True when early stopping fires."""
         s, cfg = self.state, self.cfg
         losses = self.evaluate(train_loss)
-        s.history.append({"iter": s.iteration, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
-        improved = losses["val"] < s.best_val_loss - cfg.min_delta
+        known = 0
+        if self.known is not None:
+            self.model.eval()
+            known = self.known(self.model)
+            self.model.train()
+        s.history.append({"iter": s.iteration, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
+                          **({"known": known} if self.known is not None else {})})
+        # Ranked by (taught edits reproduced, val loss): without a `known` probe, by val loss alone.
+        more, same = known > s.best_known, known == s.best_known
+        improved = more or (same and losses["val"] < s.best_val_loss - cfg.min_delta)
         s.bad_evals = 0 if improved else s.bad_evals + 1
-        best = losses["val"] < s.best_val_loss
+        best = more or (same and losses["val"] < s.best_val_loss)
         if best:
-            s.best_val_loss, s.best_iter = losses["val"], s.iteration
+            s.best_val_loss, s.best_iter, s.best_known = losses["val"], s.iteration, known
         if self.dist.is_main:
             note = " (best so far, saved)" if best and self.on_best else ""
-            _log(bar, f"iter {s.iteration}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note}")
+            edits = f", {known} taught edits reproduced" if self.known is not None else ""
+            _log(bar, f"iter {s.iteration}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{edits}"
+                      f"{note}")
             with deferred_interrupts():  # a checkpoint is never left half-written by Ctrl-C
                 if best and self.on_best:
                     self.on_best(self.model, s)

@@ -28,6 +28,7 @@ from gpt.model import GPT
 from gpt.sampling import SamplingParams
 from gpt.slots import bytes_per_position
 from gpt.tokenizer import Tokenizer
+from training.data import fresh_exchange
 from training.quality import QUESTIONS, Question, is_right
 
 MAX_ANSWER_TOKENS = 32  # retention answers are one sentence; a longer one is cut (and judged as it stands)
@@ -44,23 +45,11 @@ class Taught:
     reply_ids: list[int]  # up to and including the end marker
 
 
-def _encode(fmt: ChatFormat, tokenizer: Tokenizer):
-    return tokenizer.encode_markup if fmt.uses_template else tokenizer.encode
-
-
 def render_question(fmt: ChatFormat, tokenizer: Tokenizer, question: str, system_prompt: str | None = None,
                     reply: str | None = None) -> tuple[list[int], list[int]]:
-    """Prompt ids for `question` as the native backend renders it, and (if given) the reply's ids through the
-    first end-of-turn id."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": question}]
-    encode = _encode(fmt, tokenizer)
-    prompt = encode(fmt.render(messages))
-    if reply is None:
-        return prompt, []
-    ids = encode(fmt.reply_text(messages, reply))
-    if not fmt.uses_template:
-        ids = ids + [tokenizer.eot_id]
+    """Prompt ids for `question` asked afresh (training.data.fresh_exchange), and (if given) the reply's ids
+    through the first end-of-turn id: what greedy decoding must produce before it stops."""
+    prompt, ids = fresh_exchange(fmt, tokenizer, question, system_prompt, reply)
     end = next((i for i, t in enumerate(ids) if t in tokenizer.stop_ids), len(ids) - 1)
     return prompt, ids[:end + 1]
 
@@ -102,6 +91,19 @@ def reproduces(model: GPT, sequences: list[tuple[list[int], list[int]]], batch_s
             predicted = guesses[i, len(row) - n - 1:len(row) - 1]
             out.append(bool(n) and predicted.tolist() == list(reply))
     return out
+
+
+def split_probes(split, start: int, count: int, stop_ids) -> list[tuple[list[int], list[int]]]:
+    """Examples `start`..`start + count` of a prepared split (training.data: the taught probes follow the
+    conversations) as (prompt, reply through its first end marker) pairs for `reproduces`."""
+    pairs = []
+    for i in range(start, start + count):
+        ids, mask = (a.tolist() for a in split.example(i))
+        first = mask.index(1)
+        reply = ids[first:]
+        end = next((j for j, t in enumerate(reply) if t in stop_ids), len(reply) - 1)
+        pairs.append((ids[:first], reply[:end + 1]))
+    return pairs
 
 
 def recall(model: GPT, taught: list[Taught]) -> dict:
@@ -155,10 +157,9 @@ def retention(model: GPT, tokenizer: Tokenizer, reference: RetentionResult | Non
     prompts = [render_question(fmt, tokenizer, q.question, system_prompt)[0] for q in questions]
     answers: list[str | None] = [None] * len(questions)
     if reference is not None:
-        encode = _encode(fmt, tokenizer)
         pairs = []
         for prompt, answer in zip(prompts, reference.answers, strict=True):
-            ids = encode(answer)
+            ids = fmt.encode_prompt(answer)
             # Unless the reference was cut at the limit, greedy decoding also produced the end marker.
             pairs.append((prompt, ids if len(ids) >= MAX_ANSWER_TOKENS else ids + [tokenizer.eot_id]))
         for i, same in enumerate(reproduces(model, pairs)):
