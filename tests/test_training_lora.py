@@ -61,7 +61,9 @@ def test_lora_finetuning_lowers_val_loss_and_writes_an_ordinary_checkpoint(tiny,
     assert meta["config"]["lora_rank"] == 8
     model, _, _ = load_checkpoint(out)  # strict load: no adapter keys, plain weights
     base, _, _ = load_checkpoint(tiny)
-    assert not torch.equal(model.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+    # The default targets (configs/finetune.toml) are the MLP matrices: they learn, attention stays the base's.
+    assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
     assert torch.equal(model.transformer.wte.weight, base.transformer.wte.weight)  # frozen
     assert hashlib.sha256((tiny / "model.safetensors").read_bytes()).hexdigest() == base_hash
 

@@ -8,7 +8,7 @@ A chat log is small: a few dozen exchanges, a thousand or two tokens. So the run
 it, rows fit two of the longest examples (short ones pack together; not a fixed 512), the whole val split is
 evaluated once per epoch (one forward pass: the train loss is the mean of the epoch's steps), and early
 stopping ends the run when neither the number of taught edits the model reproduces nor the val loss improves.
-On a CPU the weights stay frozen and LoRA adapters (configs/finetune.toml: on the attention and MLP matrices)
+On a CPU the weights stay frozen and LoRA adapters (configs/finetune.toml: on the MLP matrices)
 learn the edits, a third of full fine-tuning's work per token and far less memory; on a GPU full fine-tuning is
 cheap, so it is used there. Against forgetting, the base's own answers to 24 shipped general prompts train
 alongside the log (training.replay). The numbers below were chosen by measuring variants on the
@@ -36,6 +36,10 @@ EXAMPLES_PER_ROW = 2  # rows fit two of the longest examples: short ones pack to
 PATIENCE = 1  # evaluations (epochs) without improvement (more edits reproduced, or a lower val loss)
 REPLAY = 24  # general prompts whose base answers train alongside the log (training.replay)
 BLOCK_ROUND = 8  # row length rounded up to a multiple of this (kinder to matmul kernels)
+
+
+_TARGET_WORDS = {"all": "the attention and MLP matrices", "attention": "the attention matrices",
+                 "mlp": "the MLP matrices"}
 
 
 def is_auto(cfg: TrainConfig, name: str) -> bool:
@@ -94,7 +98,7 @@ def describe(cfg: TrainConfig, device: torch.device, steps_per_epoch: int, chose
         return text + ("*" if name in chosen else "")
 
     method = (mark("lora_rank", f"LoRA rank {cfg.lora_rank}") + mark("lora_alpha", f" alpha {cfg.lora_alpha:g}")
-              + f" on {'attention and MLP' if cfg.lora_targets == 'all' else cfg.lora_targets}"
+              + f" on {_TARGET_WORDS[cfg.lora_targets]}"
               if cfg.lora_rank else mark("lora_rank", "full fine-tuning"))
     epochs = cfg.max_iters / steps_per_epoch
     stop = (mark("patience", f"stop after {cfg.patience} evaluations without improvement") if cfg.patience

@@ -77,7 +77,7 @@ HELP = {
     "dtype": "auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16 or fp16",
     "seed": "random seed for the data split, batches and initialisation",
     "compile": "compile the model with torch.compile (slow start, faster steps on GPU)",
-    "lora_rank": "fine-tune rank-R LoRA adapters of the attention and MLP matrices instead of every weight "
+    "lora_rank": "fine-tune rank-R LoRA adapters (on --lora-targets) instead of every weight "
                  "(0: full fine-tuning; LoRA wants a larger --lr, e.g. 1e-3); checkpoints are saved merged",
     "lora_alpha": "LoRA scale numerator: updates are scaled by lora_alpha / lora_rank",
     "lora_targets": "matrices that get LoRA adapters: all (attention and MLP), attention, or mlp",
