@@ -32,6 +32,7 @@ import torch
 from benchmarks.decode import SHAPE_124M, build_models, prompt_ids
 from benchmarks.measure import add_device_args, device_and_dtype, hardware_name, synchronize
 from gpt.engine import Engine
+from gpt.quantize import apply_weight_format, resolve_weight_format
 from gpt.sampling import SamplingParams
 
 
@@ -149,6 +150,8 @@ def parse_args(argv):
     p.add_argument("--hf-mode", choices=("threads", "serial", "off"), default="threads",
                    help="transformers: one generate per thread, one after another, or not at all")
     p.add_argument("--hf-streams", help="the N to run transformers at (default: the same as --streams)")
+    p.add_argument("--weights", default="auto", choices=("auto", "int8", "bf16", "fp32"),
+                   help="native weight format (gpt/quantize.py); auto: what the app serves (int8 on CPU)")
     p.add_argument("--capacity", type=int, help="native: requests decoded at once (default: 16 CUDA, 8 CPU)")
     p.add_argument("--nondeterministic", action="store_true",
                    help="CUDA: let the engine use cuDNN attention (faster at batch 1; seeds stop reproducing)")
@@ -172,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         device, dtype = device_and_dtype(args)
+        weights, native_dtype = resolve_weight_format(args.weights, device, args.dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     native, hf, _ = build_models("smollm2" if args.model == "smollm2" else "gpt2-124m", device, dtype, args.seed, shape)
+    native = apply_weight_format(native.to(native_dtype), weights)  # transformers keeps the unquantised weights
     if args.prompt_tokens + args.new_tokens > native.config.block_size:
         print(f"error: --prompt-tokens + --new-tokens must fit the context of {native.config.block_size} tokens",
               file=sys.stderr)
@@ -213,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     model_name = args.model if args.model == "smollm2" or shape == SHAPE_124M else \
         f"gpt2-{args.n_layer}x{args.n_embd}"
     report = {"model": model_name, "device": device.type, "hardware": hardware_name(device),
-              "dtype": str(dtype).replace("torch.", ""), "prompt_tokens": args.prompt_tokens,
+              "dtype": str(dtype).replace("torch.", ""), "weights": weights or str(native_dtype).replace("torch.", ""),
+              "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "sampling": asdict(params),
               "capacity": engine.capacity, "cuda_graphs": engine.scheduler.graphs,
               "deterministic": not args.nondeterministic, "torch": torch.__version__,
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_report(report: dict) -> None:
-    print(f"{report['model']} on {report['hardware']} ({report['device']}, {report['dtype']}), "
+    print(f"{report['model']} on {report['hardware']} ({report['device']}, {report['dtype']}, {report['weights']} weights), "
           f"{report['prompt_tokens']}-token prompts + {report['new_tokens']} new tokens per stream, "
           f"sampling {report['sampling']}, native capacity {report['capacity']}, "
           f"CUDA graphs {report['cuda_graphs']}")
