@@ -38,14 +38,14 @@ from benchmarks.measure import (
     PeakMemory,
     add_device_args,
     copy_bandwidth,
-    device_and_dtype,
+    device_dtype_and_weights,
     hardware_name,
     median,
     weight_bytes,
 )
 from gpt.engine import Engine
 from gpt.model import GPT, GPTConfig
-from gpt.quantize import INT8_BF16_MODULES, apply_weight_format, resolve_weight_format
+from gpt.quantize import INT8_BF16_MODULES, apply_weight_format
 from gpt.sampling import SamplingParams
 
 SMOLLM2_CHECKPOINT = Path("models/native/smollm2-135m-instruct")
@@ -223,8 +223,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        device, dtype = device_and_dtype(args)
-        weights, native_dtype = resolve_weight_format(args.weights, device, args.dtype)
+        device, dtype, weights, native_dtype = device_dtype_and_weights(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import time
 import torch
 
 from gpt.device import pick_device, pick_dtype
+from gpt.quantize import resolve_weight_format
 
 DTYPE_HELP = "fp32, bf16 or fp16; auto: fp32 on CPU, bf16 on CUDA"
 
@@ -29,6 +30,13 @@ def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
     """The device and dtype those flags name; ValueError says which value is wrong."""
     device = pick_device(args.device)
     return device, pick_dtype(args.dtype, device)
+
+
+def device_dtype_and_weights(args) -> tuple[torch.device, torch.dtype, str | None, torch.dtype]:
+    """Also `--weights`: (device, dtype, weight format to apply to the native model, dtype to load it in)."""
+    device, dtype = device_and_dtype(args)
+    weights, native_dtype = resolve_weight_format(args.weights, device, args.dtype)
+    return device, dtype, weights, native_dtype
 
 
 def synchronize(device: torch.device) -> None:

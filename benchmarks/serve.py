@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from benchmarks.decode import SHAPE_124M, build_models, prompt_ids
-from benchmarks.measure import add_device_args, device_and_dtype, hardware_name, synchronize
+from benchmarks.measure import add_device_args, device_dtype_and_weights, hardware_name, synchronize
 from gpt.engine import Engine
-from gpt.quantize import apply_weight_format, resolve_weight_format
+from gpt.quantize import apply_weight_format
 from gpt.sampling import SamplingParams
 
 
@@ -174,8 +174,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        device, dtype = device_and_dtype(args)
-        weights, native_dtype = resolve_weight_format(args.weights, device, args.dtype)
+        device, dtype, weights, native_dtype = device_dtype_and_weights(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
