@@ -135,7 +135,7 @@ def render_examples(selections: list[Selection], fmt: ChatFormat, tokenizer: Tok
     return examples
 
 
-def fresh_exchange(fmt: ChatFormat, tokenizer: Tokenizer, question: str, system_prompt: str | None = None,
+def fresh_exchange(fmt: ChatFormat, question: str, system_prompt: str | None = None,
                    reply: str | None = None) -> tuple[list[int], list[int]]:
     """`question` asked in a new conversation (after `system_prompt`), as the native backend renders it: the
     prompt's ids, and (given `reply`) the reply's ids as training sees them (through its end marker and what
@@ -161,7 +161,7 @@ def taught_probes(selections: list[Selection], fmt: ChatFormat, tokenizer: Token
         for i in sel.turns:
             ex = conv.exchanges[i]
             if ex.turn in conv.edits:
-                prompt, reply = fresh_exchange(fmt, tokenizer, ex.user, conv.system_prompt, conv.edits[ex.turn])
+                prompt, reply = fresh_exchange(fmt, ex.user, conv.system_prompt, conv.edits[ex.turn])
                 probes.append((prompt + reply, [0] * len(prompt) + [1] * len(reply)))
     return probes
 

@@ -67,7 +67,7 @@ def replay_examples(model: GPT, tokenizer: Tokenizer, count: int, system_prompt:
     greedy answers as targets: (ids, mask) training examples."""
     fmt = chat_format_for(tokenizer)
     chosen = prompts[:count]
-    rendered = [fresh_exchange(fmt, tokenizer, p, system_prompt)[0] for p in chosen]
+    rendered = [fresh_exchange(fmt, p, system_prompt)[0] for p in chosen]
     answers = greedy_answers(model, tokenizer, rendered, MAX_REPLAY_TOKENS)
     # The ids exactly as the base produced them (through its end marker, or cut at the limit): no re-encoding.
     return [(prompt + list(answer), [0] * len(prompt) + [1] * len(answer))

@@ -49,7 +49,7 @@ def render_question(fmt: ChatFormat, tokenizer: Tokenizer, question: str, system
                     reply: str | None = None) -> tuple[list[int], list[int]]:
     """Prompt ids for `question` asked afresh (training.data.fresh_exchange), and (if given) the reply's ids
     through the first end-of-turn id: what greedy decoding must produce before it stops."""
-    prompt, ids = fresh_exchange(fmt, tokenizer, question, system_prompt, reply)
+    prompt, ids = fresh_exchange(fmt, question, system_prompt, reply)
     end = next((i for i, t in enumerate(ids) if t in tokenizer.stop_ids), len(ids) - 1)
     return prompt, ids[:end + 1]
 
