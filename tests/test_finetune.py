@@ -308,7 +308,8 @@ def test_the_default_settings_teach_the_real_smollm2_edited_facts_and_keep_its_g
     from gpt.chat_format import ChatFormat
     from gpt.checkpoint import native_models_dir
     from gpt.convert import convert_to_native
-    from training.report import greedy_answers, render_question
+    from training.data import fresh_exchange
+    from training.report import greedy_answers
 
     base = native_models_dir() / "smollm2-135m-instruct"
     if not is_checkpoint(base):
@@ -334,7 +335,7 @@ def test_the_default_settings_teach_the_real_smollm2_edited_facts_and_keep_its_g
     assert len(report["retention"]["lost"]) <= 3, report["retention"]["lost"]
     model, tokenizer, _ = load_checkpoint(out)
     fmt = ChatFormat.for_tokenizer(tokenizer)
-    replies = greedy_answers(model, tokenizer, [render_question(fmt, tokenizer, f.paraphrase, system)[0]
+    replies = greedy_answers(model, tokenizer, [fresh_exchange(fmt, f.paraphrase, system)[0]
                                                 for f in facts])
     for fact, reply in zip(facts, replies, strict=True):
         assert fact_right(fact, tokenizer.decode(reply)), (fact.paraphrase, tokenizer.decode(reply))
