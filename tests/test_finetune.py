@@ -150,6 +150,7 @@ def error_of(capsys) -> str:
     (["--dtype", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
     (["--out", "{base}"], "is the base checkpoint"),
     (["--resume"], "no run to resume"),
+    (["--kl", "1"], "kl must be 0 without LoRA .*set --lora-rank"),
 ])
 def test_bad_input_exits_2_with_one_sentence(tiny_base, log, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path, base=tiny_base) for a in args]
@@ -421,3 +422,13 @@ def test_the_kept_checkpoint_is_the_one_that_reproduces_the_most_taught_edits(ti
     assert best > known[0] == 0  # the base knows none of the edits; training teaches some
     assert meta["best_iter"] == min((h for h in meta["history"] if h["known"] == best),
                                     key=lambda h: h["val_loss"])["iter"]
+
+
+def test_a_lora_run_with_the_kl_penalty_trains_and_says_so(tiny_base, log, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--history", str(log), "--base", str(tiny_base), "--out", str(out), "--no-progress", "--no-report",
+                 "--lora-rank", "4", "--kl", "2", "--max-iters", "4", "--replay", "0"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("settings on"))
+    assert "LoRA rank 4 " in line and "KL to the base x2" in line and "KL to the base x2*" not in line
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["config"]["kl"] == 2 and meta["iterations"] == 4 and is_checkpoint(out)
