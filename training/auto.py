@@ -11,7 +11,8 @@ stopping ends the run when neither the number of taught edits the model reproduc
 On a CPU the weights stay frozen and LoRA adapters (configs/finetune.toml: on the MLP matrices)
 learn the edits, a third of full fine-tuning's work per token and far less memory; on a GPU full fine-tuning is
 cheap, so it is used there. Against forgetting, the base's own answers to 24 shipped general prompts train
-alongside the log (training.replay). The numbers below were chosen by measuring variants on the
+alongside the log (training.replay); a KL penalty to the base (training.anchor, `--kl`) is measured but off:
+it kept more general answers only by learning fewer facts. The numbers below were chosen by measuring variants on the
 bundled SmolLM2-135M-Instruct and a 35-exchange log (`python -m benchmarks.finetune_loop`, per epoch:
 `python -m benchmarks.finetune_sweep`; docs/benchmarks.md, "The learning loop").
 """
