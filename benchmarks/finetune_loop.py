@@ -32,7 +32,8 @@ from benchmarks.finetune_log import FACTS, write_benchmark_log
 from gpt.assets import REPO_ROOT
 from gpt.chat_format import ChatFormat
 from gpt.checkpoint import is_checkpoint, load_checkpoint
-from training.report import greedy_answers, render_question
+from training.data import fresh_exchange
+from training.report import greedy_answers
 
 BUNDLED = REPO_ROOT / "models" / "native" / "smollm2-135m-instruct"
 
@@ -53,7 +54,7 @@ def ask_facts(checkpoint: Path, system_prompt: str | None) -> dict:
     fmt = ChatFormat.for_tokenizer(tokenizer)
     asked = [(fact, kind, question) for kind in ("taught", "paraphrased") for fact in FACTS
              for question in [fact.question if kind == "taught" else fact.paraphrase]]
-    replies = greedy_answers(model, tokenizer, [render_question(fmt, tokenizer, q, system_prompt)[0]
+    replies = greedy_answers(model, tokenizer, [fresh_exchange(fmt, q, system_prompt)[0]
                                                 for _, _, q in asked])
     out = {"taught": [], "paraphrased": []}
     for (fact, kind, question), ids in zip(asked, replies, strict=True):

@@ -28,12 +28,14 @@ from benchmarks.finetune_log import FACTS, write_benchmark_log
 from benchmarks.finetune_loop import BUNDLED, fact_right
 from gpt.chatlog import conversations
 from gpt.checkpoint import load_checkpoint
+from training.anchor import KLToBase
 from training.auto import resolve_auto, resolve_block_and_batch
 from training.batches import ChatBatches
 from training.config import TrainConfig
 from training.data import (
     REPLAY_VAL_EVERY,
     chat_format_for,
+    fresh_exchange,
     load_split,
     prepare_chat_data,
     read_history,
@@ -43,7 +45,7 @@ from training.finetune import usual_system_prompt
 from training.loop import Distributed, Trainer
 from training.lora import LoRALinear, apply_lora, merged_copy
 from training.replay import replay_examples
-from training.report import greedy_answers, render_question, reproduces, retention
+from training.report import greedy_answers, reproduces, retention
 
 VARIANTS = {
     "base": {"replay": 0},
@@ -58,6 +60,8 @@ VARIANTS = {
     "replay24-r4": {"replay": 24, "lora_rank": 4, "lora_alpha": 8.0},
     "full-replay24-lr3e-5": {"replay": 24, "lora_rank": 0, "lr": 3e-5},
     "full-replay24-lr1e-4": {"replay": 24, "lora_rank": 0, "lr": 1e-4},
+    "replay24-kl1": {"replay": 24, "kl": 1.0},
+    "replay24-kl3": {"replay": 24, "kl": 3.0},
 }
 
 
@@ -65,7 +69,7 @@ def probe(model, tokenizer, fmt, system_prompt, replay_val) -> dict:
     """Facts (as taught, paraphrased), retention and held-out replay reproduction of `model` now."""
     plain = merged_copy(model).eval()
     asked = [f.question for f in FACTS] + [f.paraphrase for f in FACTS]
-    replies = greedy_answers(plain, tokenizer, [render_question(fmt, tokenizer, q, system_prompt)[0]
+    replies = greedy_answers(plain, tokenizer, [fresh_exchange(fmt, q, system_prompt)[0]
                                                 for q in asked])
     right = [fact_right(f, tokenizer.decode(r)) for f, r in zip(FACTS + FACTS, replies, strict=True)]
     kept = retention(plain, tokenizer, system_prompt=system_prompt)
@@ -122,7 +126,9 @@ def run_variant(name: str, overrides: dict, args, log: Path, work: Path, replay_
             print(json.dumps(rows[-1]), flush=True)
         m.train()
 
-    trainer = Trainer(model.to(device), batches, cfg, device, Distributed(), on_eval=on_eval, progress=False)
+    anchor = KLToBase(model, cfg.kl) if cfg.kl else None
+    trainer = Trainer(model.to(device), batches, cfg, device, Distributed(), on_eval=on_eval, progress=False,
+                      anchor=anchor)
     t0 = time.perf_counter()
     trainer.run()
     print(f"   {name}: {time.perf_counter() - t0:.1f} s", flush=True)

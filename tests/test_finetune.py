@@ -150,6 +150,7 @@ def error_of(capsys) -> str:
     (["--dtype", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
     (["--out", "{base}"], "is the base checkpoint"),
     (["--resume"], "no run to resume"),
+    (["--kl", "1"], "kl must be 0 without LoRA .*set --lora-rank"),
 ])
 def test_bad_input_exits_2_with_one_sentence(tiny_base, log, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path, base=tiny_base) for a in args]
@@ -308,7 +309,8 @@ def test_the_default_settings_teach_the_real_smollm2_edited_facts_and_keep_its_g
     from gpt.chat_format import ChatFormat
     from gpt.checkpoint import native_models_dir
     from gpt.convert import convert_to_native
-    from training.report import greedy_answers, render_question
+    from training.data import fresh_exchange
+    from training.report import greedy_answers
 
     base = native_models_dir() / "smollm2-135m-instruct"
     if not is_checkpoint(base):
@@ -334,7 +336,7 @@ def test_the_default_settings_teach_the_real_smollm2_edited_facts_and_keep_its_g
     assert len(report["retention"]["lost"]) <= 3, report["retention"]["lost"]
     model, tokenizer, _ = load_checkpoint(out)
     fmt = ChatFormat.for_tokenizer(tokenizer)
-    replies = greedy_answers(model, tokenizer, [render_question(fmt, tokenizer, f.paraphrase, system)[0]
+    replies = greedy_answers(model, tokenizer, [fresh_exchange(fmt, f.paraphrase, system)[0]
                                                 for f in facts])
     for fact, reply in zip(facts, replies, strict=True):
         assert fact_right(fact, tokenizer.decode(reply)), (fact.paraphrase, tokenizer.decode(reply))
@@ -420,3 +422,13 @@ def test_the_kept_checkpoint_is_the_one_that_reproduces_the_most_taught_edits(ti
     assert best > known[0] == 0  # the base knows none of the edits; training teaches some
     assert meta["best_iter"] == min((h for h in meta["history"] if h["known"] == best),
                                     key=lambda h: h["val_loss"])["iter"]
+
+
+def test_a_lora_run_with_the_kl_penalty_trains_and_says_so(tiny_base, log, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--history", str(log), "--base", str(tiny_base), "--out", str(out), "--no-progress", "--no-report",
+                 "--lora-rank", "4", "--kl", "2", "--max-iters", "4", "--replay", "0"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("settings on"))
+    assert "LoRA rank 4 " in line and "KL to the base x2" in line and "KL to the base x2*" not in line
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["config"]["kl"] == 2 and meta["iterations"] == 4 and is_checkpoint(out)

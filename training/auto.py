@@ -11,7 +11,8 @@ stopping ends the run when neither the number of taught edits the model reproduc
 On a CPU the weights stay frozen and LoRA adapters (configs/finetune.toml: on the MLP matrices)
 learn the edits, a third of full fine-tuning's work per token and far less memory; on a GPU full fine-tuning is
 cheap, so it is used there. Against forgetting, the base's own answers to 24 shipped general prompts train
-alongside the log (training.replay). The numbers below were chosen by measuring variants on the
+alongside the log (training.replay); a KL penalty to the base (training.anchor, `--kl`) is measured but off:
+it kept more general answers only by learning fewer facts. The numbers below were chosen by measuring variants on the
 bundled SmolLM2-135M-Instruct and a 35-exchange log (`python -m benchmarks.finetune_loop`, per epoch:
 `python -m benchmarks.finetune_sweep`; docs/benchmarks.md, "The learning loop").
 """
@@ -34,6 +35,7 @@ EPOCHS = 5  # with replay an epoch is ~5 steps on the benchmark log; the edits l
 ROWS_PER_BATCH = {"cpu": 2, "cuda": 8}
 EXAMPLES_PER_ROW = 2  # rows fit two of the longest examples: short ones pack together, far less padding
 PATIENCE = 1  # evaluations (epochs) without improvement (more edits reproduced, or a lower val loss)
+KL = 0.0  # weight of the KL penalty to the base's distributions (training.anchor), with LoRA: off, see docs/benchmarks.md
 REPLAY = 24  # general prompts whose base answers train alongside the log (training.replay)
 BLOCK_ROUND = 8  # row length rounded up to a multiple of this (kinder to matmul kernels)
 
@@ -89,6 +91,7 @@ def resolve_auto(cfg: TrainConfig, *, device: torch.device, rows_per_epoch: int,
     choose("eval_iters", max(1, math.ceil(val_rows / cfg.batch_size)))
     choose("warmup_iters", min(steps_per_epoch, max(1, cfg.max_iters // 10)))
     choose("patience", PATIENCE)
+    choose("kl", KL if cfg.lora_rank else 0.0)
     validate(cfg)
     return describe(cfg, device, steps_per_epoch, chosen)
 
@@ -105,6 +108,8 @@ def describe(cfg: TrainConfig, device: torch.device, steps_per_epoch: int, chose
             else mark("patience", "no early stopping"))
     replay = mark("replay", f"replaying the base's answers to {cfg.replay} general prompts" if cfg.replay
                   else "no replay")
+    if cfg.kl:
+        replay += mark("kl", f", KL to the base x{cfg.kl:g}")
     return (f"settings on {device.type} (* chosen from the data and device; each has a --flag): {method}, "
             f"{mark('lr', f'lr {cfg.lr:g}')} -> {mark('min_lr', f'{cfg.min_lr:g}')}, "
             f"{mark('max_iters', f'{cfg.max_iters} steps')} ({mark('epochs', f'{epochs:g} epochs')} of "

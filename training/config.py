@@ -49,6 +49,7 @@ class TrainConfig:
     lora_targets: str = "all"  # which matrices get adapters: all, attention or mlp
     epochs: float = 0.0  # > 0 with max_iters "auto": run this many passes over the training data
     replay: int = 0  # fine-tuning: general prompts whose base answers train alongside the log (training.replay)
+    kl: float = 0.0  # LoRA fine-tuning: weight of a KL penalty to the base's next-token distribution (training.anchor)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,11 +85,13 @@ HELP = {
     "epochs": "passes over the training data (used when --max-iters is auto)",
     "replay": "train also on the base model's own answers to this many of training.replay's general prompts, "
               "against forgetting (0: none)",
+    "kl": "LoRA only: add this times the KL divergence from the base model's next-token distribution, at reply "
+          "tokens where the data says what the base would, against forgetting (0: none)",
 }
 
 # Fields that fine-tuning may leave to training.auto (value "auto"); pretraining needs them all set.
 AUTO_FIELDS = ("max_iters", "epochs", "batch_size", "block_size", "lr", "min_lr", "warmup_iters", "eval_interval",
-               "eval_iters", "patience", "lora_rank", "lora_alpha", "replay")
+               "eval_iters", "patience", "lora_rank", "lora_alpha", "replay", "kl")
 AUTO = "auto"
 
 _POSITIVE_INTS = ("max_iters", "batch_size", "grad_accum", "block_size", "eval_interval", "eval_iters")
@@ -132,6 +135,10 @@ def validate(cfg: TrainConfig, allow_auto: bool = False) -> TrainConfig:
         fail("epochs", "a number >= 0")
     if not is_num(cfg.lora_alpha) or cfg.lora_alpha <= 0:
         fail("lora_alpha", "a number > 0")
+    if not is_num(cfg.kl) or cfg.kl < 0:
+        fail("kl", "a number >= 0")
+    if cfg.kl and not cfg.lora_rank and original.lora_rank != AUTO:
+        fail("kl", "0 without LoRA (the base it compares with is the model with its adapters off; set --lora-rank)")
     if cfg.lora_targets not in ("all", "attention", "mlp"):
         fail("lora_targets", "one of all, attention, mlp")
     if not is_num(cfg.dropout) or not 0 <= cfg.dropout < 1:

@@ -111,8 +111,7 @@ def split_by_conversation(selections: list[Selection], val_fraction: float,
     return taught + ranked[n_val:], ranked[:n_val]
 
 
-def render_examples(selections: list[Selection], fmt: ChatFormat, tokenizer: Tokenizer
-                    ) -> list[tuple[list[int], list[int]]]:
+def render_examples(selections: list[Selection], fmt: ChatFormat) -> list[tuple[list[int], list[int]]]:
     """One example per conversation: its rendering up to the last selected reply, every selected reply a target.
 
     A causal model's loss on a reply depends only on what precedes it, so one sequence carrying all of a
@@ -147,8 +146,7 @@ def fresh_exchange(fmt: ChatFormat, question: str, system_prompt: str | None = N
     return prompt, ([] if reply is None else fmt.reply_ids(messages, reply))
 
 
-def taught_probes(selections: list[Selection], fmt: ChatFormat, tokenizer: Tokenizer
-                  ) -> list[tuple[list[int], list[int]]]:
+def taught_probes(selections: list[Selection], fmt: ChatFormat) -> list[tuple[list[int], list[int]]]:
     """Each edited reply as the answer to its question asked in a fresh conversation (trained and validated).
 
     The val loss then falls while the model learns what the user corrected (asked anew, not in the chat it was
@@ -240,7 +238,7 @@ def prepare_chat_data(history: str | Path, tokenizer: Tokenizer, directory: str 
                    **counts},
         "splits": {},
     }
-    probes = taught_probes(train_sel, fmt, tokenizer)
+    probes = taught_probes(train_sel, fmt)
     # The probes train too: the app's user asks a corrected question again in a new chat, not only inside the
     # conversation where they corrected it; without them the fact stays tied to that conversation's context.
     replay = replay(train_sel) if replay else []
@@ -248,7 +246,7 @@ def prepare_chat_data(history: str | Path, tokenizer: Tokenizer, directory: str 
     replay_val = [ex for i, ex in enumerate(replay) if i % REPLAY_VAL_EVERY == REPLAY_VAL_EVERY - 1]
     replay_train = [ex for i, ex in enumerate(replay) if i % REPLAY_VAL_EVERY != REPLAY_VAL_EVERY - 1]
     for name, sel, extra in (("train", train_sel, probes + replay_train), ("val", val_sel, probes + replay_val)):
-        stats = write_split(directory, name, render_examples(sel, fmt, tokenizer) + extra, dtype)
+        stats = write_split(directory, name, render_examples(sel, fmt) + extra, dtype)
         stats["conversations"] = [s.conversation.conversation_id for s in sel]
         manifest["splits"][name] = stats
     manifest["splits"]["train"]["taught_probes"] = manifest["splits"]["val"]["taught_probes"] = len(probes)

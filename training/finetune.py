@@ -42,6 +42,7 @@ from gpt.checkpoint import (
 )
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
+from training.anchor import KLToBase
 from training.auto import resolve_auto, resolve_block_and_batch, resolve_replay
 from training.batches import ChatBatches
 from training.config import add_config_flags, load_config, overrides_from_args
@@ -232,7 +233,8 @@ def finetune(args: argparse.Namespace, status: RunStatus | None = None) -> int:
     status.update(phase="training", total=cfg.max_iters)
     code = train_and_report(model, tokenizer, batches, cfg, out, meta, dist=dist, device=device,
                             resume=args.resume, progress=not args.no_progress, export=merged_copy,
-                            on_step=status.on_step, known=known if probes else None)
+                            on_step=status.on_step, known=known if probes else None,
+                            anchor=KLToBase(model, cfg.kl) if cfg.kl else None)
     if code == 0 and is_checkpoint(out):
         status.update(checkpoint=str(out))
     if code == 0 and measure and is_checkpoint(out):

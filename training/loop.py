@@ -106,8 +106,9 @@ class Trainer:
                  on_best: Callable[[GPT, LoopState], None] | None = None,
                  on_eval: Callable[[GPT, torch.optim.Optimizer, LoopState], None] | None = None,
                  progress: bool = True, on_step: Callable[[LoopState, float], None] | None = None,
-                 known: Callable[[GPT], int] | None = None):
+                 known: Callable[[GPT], int] | None = None, anchor=None):
         self.cfg, self.device, self.dist = cfg, device, dist or Distributed()
+        self.anchor = anchor  # training.anchor.KLToBase: a penalty for drifting from the base, added to the loss
         # How many of the log's edits the model reproduces now (training.report.reproduces on the taught probes):
         # a checkpoint that knows more of them is kept over one with a lower val loss, which alone would stop
         # a fine-tune an epoch before the last facts land (the held-out chat drifts first).
@@ -211,7 +212,12 @@ class Trainer:
                 self.train_model.require_backward_grad_sync = micro == cfg.grad_accum - 1
             x, y, m = batch
             with self.autocast():
+                if self.anchor is not None:
+                    picked = self.anchor.positions(y, m)
+                    base_lp = self.anchor.base_log_probs(x, picked)
                 _, loss = self.train_model(x, y, m, loss_only=True)
+                if self.anchor is not None:
+                    loss = loss + self.anchor.loss(base_lp, picked, y)
                 loss = loss / cfg.grad_accum
             batch = self.batches.train_batch(self.device)  # prepared while the device works
             self.scaler.scale(loss).backward()

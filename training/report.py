@@ -3,7 +3,7 @@
     taught = taught_examples(selections, fmt, tokenizer)    # the edited and liked replies, asked alone
     before = retention(base_model, tokenizer)               # RetentionResult: answers to training.quality
     after = retention(model, tokenizer, reference=before)
-    report = {"recall": recall(model, tokenizer, taught), "retention": compare(before, after)}
+    report = {"recall": recall(model, taught), "retention": compare(before, after)}
 
 Recall asks each reply the user edited or liked back as a fresh conversation (its question alone, as a
 user would ask it again) and counts the replies the model now reproduces greedily, word for word. That is
@@ -45,13 +45,11 @@ class Taught:
     reply_ids: list[int]  # up to and including the end marker
 
 
-def render_question(fmt: ChatFormat, tokenizer: Tokenizer, question: str, system_prompt: str | None = None,
-                    reply: str | None = None) -> tuple[list[int], list[int]]:
-    """Prompt ids for `question` asked afresh (training.data.fresh_exchange), and (if given) the reply's ids
-    through the first end-of-turn id: what greedy decoding must produce before it stops."""
-    prompt, ids = fresh_exchange(fmt, question, system_prompt, reply)
-    end = next((i for i, t in enumerate(ids) if t in tokenizer.stop_ids), len(ids) - 1)
-    return prompt, ids[:end + 1]
+def through_first_stop(ids: list[int], stop_ids) -> list[int]:
+    """`ids` up to and including the first stop id (all of them when none): what greedy decoding must produce
+    before it stops."""
+    end = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids) - 1)
+    return ids[:end + 1]
 
 
 def taught_examples(selections, fmt: ChatFormat, tokenizer: Tokenizer) -> list[Taught]:
@@ -65,8 +63,9 @@ def taught_examples(selections, fmt: ChatFormat, tokenizer: Tokenizer) -> list[T
             if not (edited or liked):
                 continue
             reply = conv.edits.get(ex.turn, ex.assistant)
-            prompt, ids = render_question(fmt, tokenizer, ex.user, conv.system_prompt, reply)
-            out.append(Taught(ex.user, reply, "edited" if edited else "liked", prompt, ids))
+            prompt, ids = fresh_exchange(fmt, ex.user, conv.system_prompt, reply)
+            out.append(Taught(ex.user, reply, "edited" if edited else "liked", prompt,
+                              through_first_stop(ids, tokenizer.stop_ids)))
     return out
 
 
@@ -100,9 +99,7 @@ def split_probes(split, start: int, count: int, stop_ids) -> list[tuple[list[int
     for i in range(start, start + count):
         ids, mask = (a.tolist() for a in split.example(i))
         first = mask.index(1)
-        reply = ids[first:]
-        end = next((j for j, t in enumerate(reply) if t in stop_ids), len(reply) - 1)
-        pairs.append((ids[:first], reply[:end + 1]))
+        pairs.append((ids[:first], through_first_stop(ids[first:], stop_ids)))
     return pairs
 
 
@@ -154,7 +151,7 @@ def retention(model: GPT, tokenizer: Tokenizer, reference: RetentionResult | Non
     """Greedy answers to the retention questions (asked with `system_prompt`, as the app asks them); answers
     equal to `reference`'s are confirmed by teacher forcing instead of decoded again."""
     fmt = ChatFormat.for_tokenizer(tokenizer)
-    prompts = [render_question(fmt, tokenizer, q.question, system_prompt)[0] for q in questions]
+    prompts = [fresh_exchange(fmt, q.question, system_prompt)[0] for q in questions]
     answers: list[str | None] = [None] * len(questions)
     if reference is not None:
         pairs = []

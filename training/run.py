@@ -112,12 +112,12 @@ def prepare_once(dist: Distributed, data_dir: Path, prepare: Callable[[], dict])
 
 def train_and_report(model: GPT, tokenizer: Tokenizer, batches, cfg: TrainConfig, out: Path, meta: dict, *,
                      dist: Distributed, device: torch.device, resume: bool, progress: bool = True,
-                     export: Callable[[GPT], GPT] | None = None, on_step=None, known=None) -> int:
+                     export: Callable[[GPT], GPT] | None = None, on_step=None, known=None, anchor=None) -> int:
     """Train with early stopping, keep the best in `out`, print how it went; returns the exit status."""
     # LoRA: the best adapters stay in memory and are written once at the end (flush below).
     outputs = RunOutputs(out, tokenizer, meta, export, keep_in_memory=has_lora(model))
     trainer = Trainer(model, batches, cfg, device, dist, on_best=outputs.save_best, on_eval=outputs.save_state,
-                      progress=progress, on_step=on_step, known=known)
+                      progress=progress, on_step=on_step, known=known, anchor=anchor)
     if resume:
         trainer.load_state(load_training_state(outputs.state_path))
         if trainer.state.iteration >= cfg.max_iters:
