@@ -62,8 +62,7 @@ def sample_rows(logits: torch.Tensor, rows: RowSettings, uniforms: torch.Tensor,
     logits = logits.float()
     V = logits.size(-1)
     if seen is not None:
-        pen = rows.penalty[:, None]
-        logits = torch.where(seen, torch.where(logits < 0, logits * pen, logits / pen), logits)
+        logits = penalised(logits, seen, rows.penalty)
     greedy = logits.argmax(dim=-1)
     temperature = torch.where(rows.temperature > 0, rows.temperature, torch.ones_like(rows.temperature))
     scaled = logits / temperature[:, None]
@@ -79,19 +78,46 @@ def sample_rows(logits: torch.Tensor, rows: RowSettings, uniforms: torch.Tensor,
     return torch.where(rows.temperature > 0, sampled.squeeze(1), greedy)
 
 
+def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """`logits` (B, V) with each row's repetition penalty (B,) applied where `seen` (B, V) is set: negative
+    scores multiplied, positive ones divided (transformers' arithmetic). On CUDA as whole-vocabulary
+    kernels (a fixed sequence, recordable in a CUDA graph); on CPU only at the seen ids, since each
+    whole-vocabulary pass over a batch's logits costs more than the few hundred ids a reply has seen."""
+    if logits.device.type != "cpu":
+        pen = penalty[:, None]
+        return torch.where(seen, torch.where(logits < 0, logits * pen, logits / pen), logits)
+    rows, cols = seen.nonzero(as_tuple=True)
+    x, pen = logits[rows, cols], penalty[rows]
+    return logits.index_put((rows, cols), torch.where(x < 0, x * pen, x / pen))
+
+
 def top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best scores of each row (B, V) and their ids, best first; equal scores in id order.
 
     bf16 logits tie often, and torch.topk on CUDA returns tied entries in no fixed order, which would
     make a seeded draw pick a different id from run to run. So the sort key is (score, -id) packed into one
-    int64: the float's bits mapped to an order-preserving integer, then the id.
+    int64: the float's bits mapped to an order-preserving integer, then the id. On CPU that key costs five
+    passes over a batch's whole vocabulary (a third of the sampler's time at 8 rows), so there a plain
+    top-(k+1) picks the candidates and only they are ranked by the key; a row whose k-th and (k+1)-th
+    scores tie (where the plain pick may hold the wrong tied ids) sends the batch the exact way.
     """
     V = scores.size(-1)
+    k = min(k, V)
+    if scores.device.type == "cpu" and k < V:
+        vals, idx = torch.topk(scores.float(), k + 1, dim=-1)
+        if bool((vals[:, k - 1] > vals[:, k]).all()):
+            order = _sort_key(vals[:, :k], idx[:, :k], V).argsort(dim=-1, descending=True)
+            return vals.gather(-1, order), idx.gather(-1, order)
+    ids = torch.arange(V, device=scores.device).expand_as(scores)
+    _, idx = torch.topk(_sort_key(scores, ids, V), k, dim=-1)
+    return scores.gather(-1, idx), idx
+
+
+def _sort_key(scores: torch.Tensor, ids: torch.Tensor, V: int) -> torch.Tensor:
+    """int64 keys ordered as (score, -id): higher score first, then lower id."""
     bits = scores.float().contiguous().view(torch.int32).long()
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order == float order
-    ids = torch.arange(V, device=scores.device)
-    _, idx = torch.topk(ordered * (1 << 32) + (V - 1 - ids), min(k, V), dim=-1)
-    return scores.gather(-1, idx), idx
+    return ordered * (1 << 32) + (V - 1 - ids)
 
 
 def pick_by_uniform(sorted_logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
