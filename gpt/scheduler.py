@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from gpt import packed_linear
 from gpt.model import GPT
 from gpt.sampling import SamplingParams, top_k_of
 from gpt.slots import Slots, bytes_per_position
@@ -235,6 +236,9 @@ class Scheduler:
                     self._cond.wait()
                 if self._closed and not (self._waiting or self._decoding or self._prefilling):
                     self._slots = None
+                    # On CPU the slots packed the model's fp32 weights (a second copy, +0.5 GB for SmolLM2):
+                    # a closed scheduler's model goes on to other work (fine-tuning after the replay answers).
+                    packed_linear.unpack_linears(self.model)
                     return
             try:
                 with torch.inference_mode():
