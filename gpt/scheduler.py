@@ -122,23 +122,28 @@ class Reply(Iterator[int]):
 
 class Scheduler:
     def __init__(self, model: GPT, *, capacity: int | None = None, kv_budget_bytes: int | None = None,
-                 prefill_chunk: int | None = None, graphs: bool | None = None, window: int | None = None,
-                 deterministic: bool = True):
+                 prefill_chunk: int | None = None, prefill_group: int | None = None, graphs: bool | None = None,
+                 window: int | None = None, deterministic: bool = True):
         """`capacity`: requests decoded at once (default_capacity). `kv_budget_bytes`: the KV cache's size;
         the context each request gets is what fits (at most the model's); default 1 GiB on CPU, a quarter of
         the free memory on CUDA. `graphs` (default: on CUDA) replays decode steps as CUDA graphs; `window`
-        rounds the attention span up (fewer graphs; default 256 with graphs, 1 without). `deterministic`
-        (CUDA): keep to attention kernels that give the same result every run, so seeds reproduce."""
+        rounds the attention span up (fewer graphs; default 256 with graphs, 1 without). `prefill_chunk`:
+        prompt tokens one prefill forward takes; `prefill_group`: prompts prefilled together (defaults by
+        device, below). `deterministic` (CUDA): keep to attention kernels that give the same result every
+        run, so seeds reproduce."""
         self.model = model.eval()
         device = self.device
         self.capacity = capacity or default_capacity(device)
         self.graphs = device.type == "cuda" if graphs is None else graphs
         self.run_ahead = self.graphs  # queue the next step before reading this one's ids (_collect)
         self.window = window or (256 if self.graphs else 1)
-        # Prompt tokens one prefill forward takes, over all the prompts of a group. On CUDA one forward of
-        # 16 x 400 tokens costs little more GPU time than its launches; on CPU it is compute, and the
-        # decoding requests wait for it.
-        self.prefill_chunk = prefill_chunk or (8192 if device.type == "cuda" else 256)
+        # Prompt tokens one prefill forward takes, over all the prompts of a group, and how many prompts a
+        # group takes. On CUDA an eager prefill is bound by the host launching kernels (5-7 ms whether it is
+        # 1 x 400 or 16 x 400 tokens), so the requests that arrive together are prefilled at once. On CPU a
+        # prefill is compute: grouping saves nothing and only makes the first arrivals wait for the last
+        # ones' prompts, so one request at a time is prefilled, a chunk between decode steps.
+        self.prefill_chunk = prefill_chunk or (8192 if device.type == "cuda" else 128)
+        self.prefill_group = prefill_group or (self.capacity if device.type == "cuda" else 1)
         if kv_budget_bytes is None:
             if device.type == "cuda":
                 kv_budget_bytes = torch.cuda.mem_get_info(device)[0] // 4
@@ -283,20 +288,20 @@ class Scheduler:
         self._leave([j for j in self._decoding if j.cancelled], "cancelled")
 
     def _admit(self) -> None:
-        """Every waiting request a free row can take joins one prefill group (when none is prefilling), in
-        the rows after the decoding ones, shortest prompt first: the prompts that end first are then the
-        group's first rows, which join the decoding rows where they are."""
+        """Waiting requests that free rows can take (at most `prefill_group`) join one prefill group when none
+        is prefilling, in the rows after the decoding ones, shortest prompt first: the prompts that end
+        first are then the group's first rows, which join the decoding rows where they are."""
         with self._cond:
             free = self.capacity - len(self._decoding)
             if self._prefilling or not self._waiting or free <= 0:
                 return
-            group = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            group = [self._waiting.popleft() for _ in range(min(free, len(self._waiting), self.prefill_group))]
             group.sort(key=lambda j: len(j.prompt_ids))
             for i, job in enumerate(group):
                 job.row = len(self._decoding) + i
         self._prefilling = group
-        for job in group:
-            self._slots.start_row(job.row, job.prompt_ids, job.params, job.seed)
+        self._slots.start_rows(group[0].row, [j.prompt_ids for j in group], [j.params for j in group],
+                               [j.seed for j in group])
 
     def _prefill_chunk(self) -> None:
         """One forward over the next chunk of every prompt in the group (all at the same positions; shorter

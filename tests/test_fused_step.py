@@ -36,7 +36,7 @@ def filled_slots(model: GPT, fused: bool, rows: int = 8) -> Slots:
     slots = Slots(model, rows, 256, fused=fused)
     for r in range(rows):
         prompt = [(13 * r + 7 * j) % model.config.vocab_size for j in range(5 + 29 * r)]
-        slots.start_row(r, prompt, SETTINGS[r % 3], seed=r)
+        slots.start_rows(r, [prompt], [SETTINGS[r % 3]], [r])
         logits = model(torch.tensor([prompt], device="cuda"), cache=slots.prefill_view(r, 0), last_only=True)[:, -1]
         slots.activate(r, slots.first_token(r, logits), len(prompt))
     return slots

@@ -104,16 +104,26 @@ def test_requests_that_arrive_together_share_one_prefill_forward_per_chunk():
     model = tiny(**LLAMA)
     sizes = prefill_batches(model)
     ps = [prompts(7)[6][:30], prompts(2)[1][:2], prompts(3)[2][:13], prompts(6)[5][:5]]
-    replies = [list(r) for r in submit_together(Scheduler(model, prefill_chunk=24), [(p, 12) for p in ps])]
+    scheduler = Scheduler(model, prefill_chunk=24, prefill_group=8)  # the CUDA default; CPU's is 1
+    replies = [list(r) for r in submit_together(scheduler, [(p, 12) for p in ps])]
     # Shortest first, 24 prompt tokens a forward: positions 0-5 of all four (the 2- and 5-token prompts end,
     # padded), 6-17 of the other two (13 ends), then 18-29 of the 30-token prompt alone.
     assert sizes == [4, 2, 1]
     assert replies == [plain_greedy(model, p, 12) for p in ps]
 
 
+def test_on_cpu_requests_that_arrive_together_are_prefilled_one_at_a_time():
+    model = tiny()
+    sizes = prefill_batches(model)
+    ps = [prompts(5)[4][:20], prompts(4)[3][:9], prompts(3)[2][:13]]
+    replies = [list(r) for r in submit_together(Scheduler(model), [(p, 6) for p in ps])]
+    assert sizes == [1, 1, 1]  # compute-bound: a group would only make the first wait for the last
+    assert replies == [plain_greedy(model, p, 6) for p in ps]
+
+
 def test_a_prefill_group_survives_cancelled_members_and_requests_that_end_beside_it():
     model = tiny()
-    scheduler = Scheduler(model, prefill_chunk=8)
+    scheduler = Scheduler(model, prefill_chunk=8, prefill_group=8)
     short = scheduler.submit([5, 6, 7], 3, GREEDY)
     next(short)  # decoding: it ends while the group below is still being prefilled
     ps = [prompts(9)[8][:40], prompts(6)[5][:20], prompts(8)[7][:33]]
