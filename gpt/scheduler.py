@@ -7,13 +7,14 @@
         ...
     reply.close()                                      # or just drop it: the request leaves at the next step
 
-Each loop turn of the scheduler thread: drop requests whose consumer went away, admit every waiting
-request that a free KV row can take (gpt/slots.py) as one prefill group, queue one decode step for every
-request that is decoding, run one chunk of the group's prompts (one forward over all of them, at most
-`prefill_chunk` tokens in all; on CUDA the device runs the queued step meanwhile), and hand each decoding
-request its new id. Requests join and leave between steps; the group's prefill is interleaved with the
-others' decoding, a chunk at a time, so long prompts never freeze the other replies, and sixteen users
-who arrive together wait for one prefill, not for fifteen others in turn. Each request keeps its own sampling
+Each loop turn of the scheduler thread: drop requests whose consumer went away, admit waiting requests
+into free KV rows (gpt/slots.py) as one prefill group (on CUDA every one a free row can take, on CPU one),
+queue one decode step for every request that is decoding, run one chunk of the group's prompts (one
+forward over all of them, at most `prefill_chunk` tokens in all; on CUDA the device runs the queued step
+meanwhile), and hand each decoding request its new id. Requests join and leave between steps; the group's
+prefill is interleaved with the others' decoding, a chunk at a time, so long prompts never freeze the
+other replies, and on a GPU sixteen users who arrive together wait for one prefill, not for fifteen
+others in turn (gpt/prefill.py). Each request keeps its own sampling
 settings, seed, stop ids and token limit; its draws depend only on (seed, step), so a seeded request
 gives the same reply alone or in any batch (up to floating-point differences batching makes in the
 logits; docs/benchmarks.md says how often greedy ids differed).
