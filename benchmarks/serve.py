@@ -14,7 +14,9 @@ per-stream decode tok/s, median time to first token, p50/p95 inter-token latency
 aggregate's ratio to N = 1. Before the timed runs, every stream's request runs once alone through the
 native engine: "same" counts the streams whose batched reply equals its reply alone (floating-point
 batching can change a near-tie; with --temperature 0 this is the greedy-unchanged check). A warm-up pass
-(not timed) records the CUDA graphs. `--json` makes the last line one JSON object.
+(not timed) records the CUDA graphs. `--repeats R` times R interleaved rounds and reports the median
+round per N with the spread (one stream is one request: a single round is noisy). `--json` makes the last
+line one JSON object.
 """
 
 from __future__ import annotations
@@ -155,6 +157,9 @@ def parse_args(argv):
     p.add_argument("--capacity", type=int, help="native: requests decoded at once (default: 16 CUDA, 8 CPU)")
     p.add_argument("--nondeterministic", action="store_true",
                    help="CUDA: let the engine use cuDNN attention (faster at batch 1; seeds stop reproducing)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed rounds over all N (interleaved); a row is the round with the median aggregate, "
+                        "and its spread over the rounds is printed")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--n-layer", type=int, default=12, help="gpt2-shape: layers (smaller for smoke tests)")
     p.add_argument("--n-head", type=int, default=12)
@@ -166,8 +171,8 @@ def parse_args(argv):
         args.hf_streams = sorted({int(x) for x in args.hf_streams.split(",")}) if args.hf_streams else args.streams
     except ValueError:
         p.error("--streams and --hf-streams take comma-separated whole numbers, e.g. 1,2,4,8")
-    if min(args.streams) < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
-        p.error("--streams must be >= 1, --prompt-tokens >= 1 and --new-tokens >= 2")
+    if min(args.streams) < 1 or args.prompt_tokens < 1 or args.new_tokens < 2 or args.repeats < 1:
+        p.error("--streams must be >= 1, --prompt-tokens >= 1, --new-tokens >= 2 and --repeats >= 1")
     return args
 
 
@@ -196,24 +201,35 @@ def main(argv: list[str] | None = None) -> int:
         run_streams("native", n, native_one)
     alone = [run_streams("native", 1, lambda _, s, i=i: native_one(i, s)).streams[0].ids for i in range(n_max)]
 
-    results: list[Result] = []
+    rounds: dict[tuple[str, int], list[Result]] = {}
     hf_one = hf_reader(hf, prompts, args.new_tokens, params) if args.hf_mode != "off" else None
     if hf_one is not None:
         run_streams("hf", 1, hf_one)  # warm-up
-    for n in args.streams:
-        results.append(run_streams("native", n, native_one))
-        if hf_one is not None and n in args.hf_streams:
-            results.append(run_streams(f"hf-{args.hf_mode}", n, hf_one, serial=args.hf_mode == "serial"))
-        synchronize(device)
-        print(f"N={n}: " + ", ".join(f"{r.backend} {r.summary()['agg_tok_s']:.1f} tok/s"
-                                     for r in results if r.n == n), flush=True)  # progress on long runs
+    for _ in range(args.repeats):  # rounds interleaved, so that a noisy spell hits every N alike
+        for n in args.streams:
+            new = [run_streams("native", n, native_one)]
+            if hf_one is not None and n in args.hf_streams:
+                new.append(run_streams(f"hf-{args.hf_mode}", n, hf_one, serial=args.hf_mode == "serial"))
+            synchronize(device)
+            for r in new:
+                rounds.setdefault((r.backend, n), []).append(r)
+            print(f"N={n}: " + ", ".join(f"{r.backend} {r.summary()['agg_tok_s']:.1f} tok/s" for r in new),
+                  flush=True)  # progress on long runs
 
-    rows = [r.summary() for r in results]
-    for row, r in zip(rows, results, strict=True):
+    rows = []
+    for (backend, _), runs in rounds.items():
+        summaries = [r.summary() for r in runs]
+        order = sorted(range(len(runs)), key=lambda i: summaries[i]["agg_tok_s"])
+        row = summaries[order[len(order) // 2]]  # the median round (the upper one of an even count)
+        row["agg_tok_s_rounds"] = [x["agg_tok_s"] for x in summaries]
+        if backend == "native":
+            row["same_as_alone"] = sum(s.ids == alone[i] for r in runs for i, s in enumerate(r.streams))
+            row["same_of"] = sum(len(r.streams) for r in runs)
+        rows.append(row)
+    rows.sort(key=lambda x: (x["backend"] != "native", x["backend"], x["streams"]))
+    for row in rows:
         base = next(x for x in rows if x["backend"] == row["backend"] and x["streams"] == min(args.streams))
         row["vs_one"] = row["agg_tok_s"] / base["agg_tok_s"]
-        if row["backend"] == "native":
-            row["same_as_alone"] = sum(s.ids == alone[i] for i, s in enumerate(r.streams))
     model_name = args.model if args.model == "smollm2" or shape == SHAPE_124M else \
         f"gpt2-{args.n_layer}x{args.n_embd}"
     report = {"model": model_name, "device": device.type, "hardware": hardware_name(device),
@@ -221,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
               "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "sampling": asdict(params),
               "capacity": engine.capacity, "cuda_graphs": engine.scheduler.graphs,
-              "deterministic": not args.nondeterministic, "torch": torch.__version__,
+              "deterministic": not args.nondeterministic, "torch": torch.__version__, "repeats": args.repeats,
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     engine.scheduler.close()  # let its thread end before the interpreter does
     engine.scheduler.thread.join(timeout=10)
@@ -239,10 +255,12 @@ def print_report(report: dict) -> None:
     print(f"{'backend':<12} {'N':>3} {'agg tok/s':>10} {'x N=1':>6} {'stream tok/s':>12} {'TTFT s':>7} "
           f"{'ITL p50 ms':>10} {'p95 ms':>7} {'errors':>6} {'same':>5}")
     for r in report["rows"]:
-        same = f"{r['same_as_alone']}/{r['streams']}" if "same_as_alone" in r else "-"
+        same = f"{r['same_as_alone']}/{r['same_of']}" if "same_as_alone" in r else "-"
+        spread = r.get("agg_tok_s_rounds", [])
+        spread = f"  (rounds {min(spread):.1f}-{max(spread):.1f})" if len(spread) > 1 else ""
         print(f"{r['backend']:<12} {r['streams']:>3} {r['agg_tok_s']:>10.1f} {r['vs_one']:>6.2f} "
               f"{r['stream_tok_s']:>12.1f} {r['ttft_s']:>7.3f} {r['itl_p50_ms']:>10.2f} {r['itl_p95_ms']:>7.2f} "
-              f"{r['errors']:>6} {same:>5}")
+              f"{r['errors']:>6} {same:>5}{spread}")
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
 

@@ -155,7 +155,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and T > 1,
             dropout_p=cfg.dropout if self.training else 0.0,
-            enable_gqa=cfg.n_kv_head != cfg.n_head)
+            enable_gqa=k.shape[1] != q.shape[1])  # a cache may hand back the key heads repeated
         y = y.transpose(1, 2).reshape(B, T, cfg.n_embd)
         return self.resid_dropout(self.c_proj(y))
 
@@ -237,11 +237,12 @@ class GPT(nn.Module):
         return cos[start:start + T].to(dtype), sin[start:start + T].to(dtype)
 
     def forward(self, idx, targets=None, loss_mask=None, cache: KVCache | None = None, last_only=False,
-                loss_only=False):
+                loss_only=False, last_at: torch.Tensor | None = None):
         """Logits for `idx` (B, T). With `targets`, also the mean cross-entropy (over `loss_mask` if given).
 
         With `cache`, positions start at `cache.pos` and the cache advances by T. `last_only` computes
-        logits for the last position only (what decoding needs; saves the big vocabulary matmul).
+        logits for the last position only (what decoding needs; saves the big vocabulary matmul);
+        `last_at` (B,) does the same at each row's own position (rows of prompts of different lengths).
         `loss_only` (with targets) returns (None, loss) and runs the vocabulary matmul only where a target
         counts: fine-tuning on chats scores replies only, so most positions need no logits.
         """
@@ -264,6 +265,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)
+        if last_at is not None and targets is None:
+            return self.lm_head(x[torch.arange(B, device=x.device), last_at].unsqueeze(1))
         if last_only and targets is None:
             return self.lm_head(x[:, -1:, :])
         if loss_only and targets is not None:

@@ -8,10 +8,13 @@
     reply.close()                                      # or just drop it: the request leaves at the next step
 
 Each loop turn of the scheduler thread: drop requests whose consumer went away, admit waiting requests
-into free KV rows (gpt/slots.py), queue one decode step for every request that is decoding, run one
-chunk of at most `prefill_chunk` prompt tokens of the request being prefilled (on CUDA the device runs
-the queued step meanwhile), and hand each decoding request its new id. Requests join and leave between steps; a prompt's prefill is interleaved with the others' decoding, a
-chunk at a time, so a long prompt never freezes the other replies. Each request keeps its own sampling
+into free KV rows (gpt/slots.py) as one prefill group (on CUDA every one a free row can take, on CPU one),
+queue one decode step for every request that is decoding, run one chunk of the group's prompts (one
+forward over all of them, at most `prefill_chunk` tokens in all; on CUDA the device runs the queued step
+meanwhile), and hand each decoding request its new id. Requests join and leave between steps; the group's
+prefill is interleaved with the others' decoding, a chunk at a time, so long prompts never freeze the
+other replies, and on a GPU sixteen users who arrive together wait for one prefill, not for fifteen
+others in turn (gpt/prefill.py). Each request keeps its own sampling
 settings, seed, stop ids and token limit; its draws depend only on (seed, step), so a seeded request
 gives the same reply alone or in any batch (up to floating-point differences batching makes in the
 logits; docs/benchmarks.md says how often greedy ids differed).
@@ -30,13 +33,14 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 
 import torch
 
-from gpt import packed_linear
+from gpt import packed_linear, prefill
 from gpt.model import GPT
 from gpt.sampling import SamplingParams, top_k_of
-from gpt.slots import Slots, bytes_per_position
+from gpt.slots import Slots, batch_buckets, bytes_per_position
 
 _END = object()
 _seed_counter = itertools.count(1)
@@ -119,20 +123,28 @@ class Reply(Iterator[int]):
 
 class Scheduler:
     def __init__(self, model: GPT, *, capacity: int | None = None, kv_budget_bytes: int | None = None,
-                 prefill_chunk: int | None = None, graphs: bool | None = None, window: int | None = None,
-                 deterministic: bool = True):
+                 prefill_chunk: int | None = None, prefill_group: int | None = None, graphs: bool | None = None,
+                 window: int | None = None, deterministic: bool = True):
         """`capacity`: requests decoded at once (default_capacity). `kv_budget_bytes`: the KV cache's size;
         the context each request gets is what fits (at most the model's); default 1 GiB on CPU, a quarter of
         the free memory on CUDA. `graphs` (default: on CUDA) replays decode steps as CUDA graphs; `window`
-        rounds the attention span up (fewer graphs; default 256 with graphs, 1 without). `deterministic`
-        (CUDA): keep to attention kernels that give the same result every run, so seeds reproduce."""
+        rounds the attention span up (fewer graphs; default 256 with graphs, 1 without). `prefill_chunk`:
+        prompt tokens one prefill forward takes; `prefill_group`: prompts prefilled together (defaults by
+        device, below). `deterministic` (CUDA): keep to attention kernels that give the same result every
+        run, so seeds reproduce."""
         self.model = model.eval()
         device = self.device
         self.capacity = capacity or default_capacity(device)
         self.graphs = device.type == "cuda" if graphs is None else graphs
         self.run_ahead = self.graphs  # queue the next step before reading this one's ids (_collect)
         self.window = window or (256 if self.graphs else 1)
-        self.prefill_chunk = prefill_chunk or (512 if device.type == "cuda" else 128)
+        # Prompt tokens one prefill forward takes, over all the prompts of a group, and how many prompts a
+        # group takes. On CUDA an eager prefill is bound by the host launching kernels (5-7 ms whether it is
+        # 1 x 400 or 16 x 400 tokens), so the requests that arrive together are prefilled at once. On CPU a
+        # prefill is compute: grouping saves nothing and only makes the first arrivals wait for the last
+        # ones' prompts, so one request at a time is prefilled, a chunk between decode steps.
+        self.prefill_chunk = prefill_chunk or (8192 if device.type == "cuda" else 128)
+        self.prefill_group = prefill_group or (self.capacity if device.type == "cuda" else 1)
         if kv_budget_bytes is None:
             if device.type == "cuda":
                 kv_budget_bytes = torch.cuda.mem_get_info(device)[0] // 4
@@ -149,10 +161,11 @@ class Scheduler:
             # is deterministic but slower at batch 1 (docs/benchmarks.md). The switch is process-wide.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self._slots: Slots | None = None  # made by the scheduler thread on first use
+        self._prefill_graphs: prefill.PrefillGraphs | None = None
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._decoding: list[_Job] = []  # index = row
-        self._prefilling: _Job | None = None
+        self._prefilling: list[_Job] = []  # the prefill group: rows after the decoding ones, shortest first
         self._in_flight: tuple[torch.Tensor, object] | None = None  # a queued step's new ids (and its event)
         self._in_flight_jobs: list[_Job] = []  # the requests of that step, in row order
         self._ending: list[_Job] = []  # requests that ended while a step run ahead was in flight
@@ -199,13 +212,13 @@ class Scheduler:
         with self._cond:
             self._closed = True
             if cancel:
-                for job in [*self._waiting, *self._decoding, *([self._prefilling] if self._prefilling else [])]:
+                for job in [*self._waiting, *self._decoding, *self._prefilling]:
                     job.cancelled = True
             self._cond.notify()
 
     @property
     def running(self) -> int:
-        return len(self._decoding) + (self._prefilling is not None)
+        return len(self._decoding) + len(self._prefilling)
 
     @property
     def waiting(self) -> int:
@@ -235,7 +248,7 @@ class Scheduler:
                 while not (self._waiting or self._decoding or self._prefilling or self._closed):
                     self._cond.wait()
                 if self._closed and not (self._waiting or self._decoding or self._prefilling):
-                    self._slots = None
+                    self._slots = self._prefill_graphs = None
                     # On CPU the slots packed the model's fp32 weights (a second copy, +0.5 GB for SmolLM2):
                     # a closed scheduler's model goes on to other work (fine-tuning after the replay answers).
                     packed_linear.unpack_linears(self.model)
@@ -258,7 +271,7 @@ class Scheduler:
         self._admit()
         if self._decoding:  # queued first: the device decodes while this thread issues the prefill's kernels
             self._launch()
-        if self._prefilling is not None:
+        if self._prefilling:
             self._prefill_chunk()
 
     def _drop_cancelled(self) -> None:
@@ -266,44 +279,72 @@ class Scheduler:
             for job in [j for j in self._waiting if j.cancelled]:
                 self._waiting.remove(job)
                 self._finish(job, "cancelled")
-        if self._prefilling is not None and self._prefilling.cancelled:
-            job, self._prefilling = self._prefilling, None
-            self._slots.deactivate(job.row)
-            self._finish(job, "cancelled")
+        gone = [j for j in self._prefilling if j.cancelled]
+        if gone:
+            for job in gone:
+                self._slots.deactivate(job.row)
+                self._finish(job, "cancelled")
+            self._prefilling = [j for j in self._prefilling if not j.cancelled]
+            self._pack_group()
         self._leave([j for j in self._decoding if j.cancelled], "cancelled")
 
     def _admit(self) -> None:
-        """The first waiting request takes the free row after the decoding ones (one prefill at a time)."""
+        """Waiting requests that free rows can take (at most `prefill_group`) join one prefill group when none
+        is prefilling, in the rows after the decoding ones, shortest prompt first: the prompts that end
+        first are then the group's first rows, which join the decoding rows where they are."""
         with self._cond:
-            if self._prefilling is not None or not self._waiting or len(self._decoding) >= self.capacity:
+            free = self.capacity - len(self._decoding)
+            if self._prefilling or not self._waiting or free <= 0:
                 return
-            job = self._waiting.popleft()
-            job.row = len(self._decoding)
-        self._prefilling = job
-        self._slots.start_row(job.row, job.prompt_ids, job.params, job.seed)
+            group = [self._waiting.popleft() for _ in range(min(free, len(self._waiting), self.prefill_group))]
+            group.sort(key=lambda j: len(j.prompt_ids))
+            for i, job in enumerate(group):
+                job.row = len(self._decoding) + i
+        self._prefilling = group
+        self._slots.start_rows(group[0].row, [j.prompt_ids for j in group], [j.params for j in group],
+                               [j.seed for j in group])
 
     def _prefill_chunk(self) -> None:
-        job = self._prefilling
-        start = job.filled
-        chunk = job.prompt_ids[start:start + self.prefill_chunk]
-        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=self._slots.prefill_view(job.row, start), last_only=True)[:, -1, :]
-        job.filled += len(chunk)
-        if job.filled < len(job.prompt_ids):
+        """One forward over the next chunk of every prompt in the group (all at the same positions; shorter
+        prompts padded); the prompts that end in it get their first ids and join the decoding rows."""
+        group = self._prefilling
+        start = group[0].filled  # the whole group advances together
+        longest = len(group[-1].prompt_ids) - start
+        T = min(longest, max(1, self.prefill_chunk // len(group)))
+        rows = [job.prompt_ids[start:start + T] for job in group]
+        rows = [r + r[-1:] * (T - len(r)) for r in rows]
+        ends = [min(len(job.prompt_ids) - start, T) - 1 for job in group]
+        # Where the decode step is batch-invariant (the fused CUDA step), so is the prefill: a prompt's keys
+        # and values do not depend on the prompts it was grouped with (gpt/prefill.py).
+        invariant = self._slots.fused and prefill.available(self.model)
+        logits = None
+        if invariant and self.graphs and start == 0:
+            if self._prefill_graphs is None:
+                self._prefill_graphs = prefill.PrefillGraphs(self.model, self._slots, self.prefill_chunk)
+            logits = self._prefill_graphs.run(rows, ends, group[0].row)
+        if logits is None:
+            view = self._slots.prefill_view(group[0].row, start, len(group), invariant)
+            with prefill.invariant_products(self.model) if invariant else nullcontext():
+                logits = self.model(torch.tensor(rows).to(self.device), cache=view,
+                                    last_at=torch.tensor(ends).to(self.device))[:, -1]
+        for job in group:
+            job.filled = min(len(job.prompt_ids), start + T)
+        done = [job for job in group if job.filled == len(job.prompt_ids)]  # a prefix: shortest first
+        if not done:
             return
-        first = self._slots.first_token(job.row, logits)
-        token = int(first.item())
-        # It joins the decoding rows before its consumer sees the token (so `running` is never behind).
-        self._slots.activate(job.row, first, job.filled)
-        self._decoding.append(job)
-        self._prefilling = None
-        if not self._deliver(job, token):
-            self._leave([job], None)
+        first = self._slots.first_token(done[0].row, logits[:len(done)])
+        self._slots.activate(done[0].row, first, [job.filled for job in done])
+        # They join the decoding rows before their consumers see a token (so `running` is never behind).
+        self._decoding += done
+        self._prefilling = group[len(done):]
+        ended = [job for job, token in zip(done, first.tolist(), strict=True) if not self._deliver(job, token)]
+        if ended:
+            self._leave(ended, None)
 
     def _launch(self) -> None:
         """Queue one decode step for every decoding request (on CUDA: a graph replay; on CPU it runs now)."""
         n = len(self._decoding)
-        b = n if not self.graphs else next(s for s in _buckets(self.capacity) if s >= n)
+        b = n if not self.graphs else next(s for s in batch_buckets(self.capacity) if s >= n)
         longest = max(j.filled for j in self._decoding) + 1
         span = min(-(-longest // self.window) * self.window, self.context_length + 1)
         candidates = max(top_k_of(j.params, self._slots.vocab_size) for j in self._decoding)
@@ -351,7 +392,7 @@ class Scheduler:
 
     def _steady(self, jobs: list[_Job], ids: list[int] | None) -> bool:
         """No request joins or ends with this step's ids (`None`: not read yet, stop ids unknown)."""
-        if self._prefilling is not None or (self._waiting and len(jobs) < self.capacity):
+        if self._prefilling or (self._waiting and len(jobs) < self.capacity):
             return False
         return not any(j.cancelled or (t is not None and t in j.stop_ids) or j.generated + 1 >= j.max_new_tokens
                        for j, t in zip(jobs, ids or [None] * len(jobs), strict=True))
@@ -370,7 +411,7 @@ class Scheduler:
 
     def _leave(self, jobs: list[_Job], reason: str | None) -> None:
         """Free the rows of ended requests, keeping the decoding rows packed at 0..n-1 (the last row moves
-        into each hole), and the prefilling request right after them."""
+        into each hole), and the prefill group right after them."""
         for job in sorted(jobs, key=lambda j: j.row, reverse=True):
             last = self._decoding.pop()
             if last is not job:
@@ -381,10 +422,16 @@ class Scheduler:
                 self._slots.deactivate(job.row)
             if reason is not None:
                 self._finish(job, reason)
-        p = self._prefilling
-        if p is not None and p.row != len(self._decoding):
-            self._slots.move(p.row, len(self._decoding), p.filled)
-            p.row = len(self._decoding)
+        self._pack_group()
+
+    def _pack_group(self) -> None:
+        """Move the prefill group down to the rows right after the decoding ones (lowest first: each one's
+        new row was freed before it moves)."""
+        for i, job in enumerate(self._prefilling):
+            row = len(self._decoding) + i
+            if job.row != row:
+                self._slots.move(job.row, row, job.filled)
+                job.row = row
 
     def _finish(self, job: _Job, reason: str) -> None:
         if job.finished:
@@ -395,19 +442,14 @@ class Scheduler:
             job.finished = True
 
     def _fail_all(self, exc: Exception) -> None:
-        jobs = self._decoding + ([self._prefilling] if self._prefilling else [])
-        self._decoding, self._prefilling, self._in_flight, self._in_flight_jobs = [], None, None, []
+        jobs = self._decoding + self._prefilling
+        self._decoding, self._prefilling, self._in_flight, self._in_flight_jobs = [], [], None, []
         jobs = [j for j in jobs if not j.finished]  # those that ended while a step ran ahead are done
         self._ending = []
-        self._slots = None  # start again from a fresh cache
+        self._slots = self._prefill_graphs = None  # start again from a fresh cache
         for job in jobs:
             job.queue.put(exc)
             job.finish_reason = "error"
             with self._cond:
                 job.finished = True
 
-
-def _buckets(capacity: int) -> list[int]:
-    """Batch sizes decode steps are recorded for: powers of two, and the capacity itself."""
-    sizes = [1 << i for i in range(capacity.bit_length()) if 1 << i < capacity]
-    return sizes + [capacity]

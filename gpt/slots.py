@@ -1,7 +1,7 @@
 """Per-request KV slots and the batched decode step the scheduler (gpt/scheduler.py) runs.
 
     slots = Slots(model, rows=8, context=1024)         # KV cache: 8 requests x 1025 positions, made once
-    logits = model(chunk, cache=slots.prefill_view(row=3, start=0), last_only=True)   # a prompt chunk
+    logits = model(chunks, cache=slots.prefill_view(row=3, start=0, n=2), last_at=ends)  # rows 3-4's prompts
     ids = slots.step(b=4, span=256, candidates=50)      # one token for rows 0..3: forward + sampling
 
 Each request owns one row of a preallocated cache; rows 0..n-1 are the requests that decode (the
@@ -29,7 +29,12 @@ import torch
 
 from gpt import fused_sampling, fused_step, packed_linear
 from gpt.model import GPT
-from gpt.sampling import RowSettings, SamplingParams, counter_uniforms, sample_rows, top_k_of
+from gpt.sampling import RowSettings, SamplingParams, counter_uniforms, sample_rows
+
+
+def batch_buckets(rows: int) -> list[int]:
+    """Batch sizes steps and prefills are recorded for: powers of two, and the row count itself."""
+    return [1 << i for i in range(rows.bit_length()) if 1 << i < rows] + [rows]
 
 
 def bytes_per_position(model: GPT) -> int:
@@ -39,24 +44,48 @@ def bytes_per_position(model: GPT) -> int:
 
 
 class PrefillView:
-    """What the model's forward sees for a chunk of one row's prompt starting at position `start`."""
+    """What the model's forward sees for one chunk of the prompts of rows [row, row + n) of the caches `k`,
+    `v` (n_layer, rows, n_kv_head, positions, head_dim), all at positions [start, start + T). A row whose
+    prompt ends inside the chunk is padded to T: what the padding writes past the prompt's end is
+    overwritten by the row's own decode steps before any of them reads it (a step writes its position,
+    then attends up to it)."""
 
-    def __init__(self, slots: Slots, row: int, start: int):
-        self.slots, self.row, self.start = slots, row, start
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, row: int, start: int, n: int = 1, *,
+                 invariant: bool = False, group: int = 1):
+        """`invariant`: attention whose result for a row does not depend on the other rows (gpt/prefill.py
+        says why): always an explicit mask, and each key/value head repeated for its `group` query heads, so
+        that attention never takes the flash kernel, which splits the keys by how many rows and heads
+        there are to fill the GPU."""
+        self.k, self.v, self.rows, self.start = k, v, slice(row, row + n), start
+        self.invariant, self.group = invariant, group
+        self._mask: torch.Tensor | None = None  # the same for every layer: made once
+
+    def _mask_of(self, T: int, end: int, device) -> torch.Tensor:
+        """Additive: row i sees positions 0..start + i. Its rows start at multiples of 16 elements, which the
+        memory-efficient attention kernel needs (SDPA would pad a copy in every layer otherwise)."""
+        if self._mask is None:
+            full = torch.full((T, -(-end // 16) * 16), float("-inf"), dtype=self.k.dtype, device=device)
+            self._mask = full.triu_(self.start + 1)[:, :end]
+        return self._mask
 
     def positions(self, T: int, device) -> torch.Tensor:
         return torch.arange(self.start, self.start + T, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         T = k.shape[2]
-        r, start, end = self.row, self.start, self.start + k.shape[2]
-        self.slots.k[layer, r:r + 1, :, start:end] = k
-        self.slots.v[layer, r:r + 1, :, start:end] = v
-        keys, values = self.slots.k[layer, r:r + 1, :, :end], self.slots.v[layer, r:r + 1, :, :end]
+        r, start, end = self.rows, self.start, self.start + k.shape[2]
+        self.k[layer, r, :, start:end] = k
+        self.v[layer, r, :, start:end] = v
+        keys, values = self.k[layer, r, :, :end], self.v[layer, r, :, :end]
+        if self.invariant:
+            if self.group > 1:  # without a copy that syncs (repeat_interleave may): CUDA graphs record this
+                B, nkv, S, hd = keys.shape
+                keys = keys[:, :, None].expand(B, nkv, self.group, S, hd).reshape(B, nkv * self.group, S, hd)
+                values = values[:, :, None].expand(B, nkv, self.group, S, hd).reshape(B, nkv * self.group, S, hd)
+            return keys, values, self._mask_of(T, end, k.device), False
         if start == 0:
             return keys, values, None, True
-        mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=start) if T > 1 else None
-        return keys, values, mask, False
+        return keys, values, self._mask_of(T, end, k.device) if T > 1 else None, False
 
     def advance(self, T: int) -> None:
         pass
@@ -123,39 +152,49 @@ class Slots:
 
     # --- rows: set up by the scheduler between steps -------------------------------------------------
 
-    def start_row(self, row: int, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
-        """A request takes `row`: its settings, seed and penalty mask; inactive until `activate`."""
+    def start_rows(self, row: int, prompts: list[list[int]], params: list[SamplingParams], seeds: list[int]) -> None:
+        """Requests take rows [row, row + n): their settings, seeds and penalty masks, in a few whole-group
+        writes (one request at a time cost ~0.5 ms of host launches each, sixteen of them a time to first
+        token of their own); inactive until `activate`."""
+        n = len(prompts)
+        r = slice(row, row + n)
         device = self.tokens.device
-        self.active[row] = False
-        self.pos[row] = self.scratch
-        self.steps[row] = 0
-        s = self.settings
-        s.temperature[row] = params.temperature
-        s.top_k[row] = top_k_of(params, self.vocab_size)
-        s.top_p[row] = params.top_p
-        s.penalty[row] = params.repetition_penalty
-        self.seen[row] = False
+        self.active[r] = False
+        self.pos[r] = self.scratch
+        self.steps[r] = 0
+        settings = RowSettings.of(params, self.vocab_size, device)
+        for name in ("temperature", "top_k", "top_p", "penalty"):
+            getattr(self.settings, name)[r] = getattr(settings, name)
+        self.seen[r] = False
         steps = torch.arange(self.context + 1, device=device)
-        self.uniforms[row] = counter_uniforms(torch.full_like(steps, seed), steps)
-        if params.repetition_penalty != 1.0:
-            self.seen[row, torch.tensor(prompt_ids, dtype=torch.long, device=device)] = True
+        self.uniforms[r] = counter_uniforms(torch.tensor(seeds, device=device)[:, None], steps[None, :])
+        penalised = [(i, ids) for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
+                     if p.repetition_penalty != 1.0]
+        if penalised:
+            which = torch.tensor([row + i for i, ids in penalised for _ in ids], device=device)
+            ids = torch.tensor([t for _, ids in penalised for t in ids], device=device)
+            self.seen[which, ids] = True
 
-    def prefill_view(self, row: int, start: int) -> PrefillView:
-        return PrefillView(self, row, start)
+    def prefill_view(self, row: int, start: int, n: int = 1, invariant: bool = False) -> PrefillView:
+        """The cache as a prompt chunk of rows [row, row + n) sees it (see PrefillView)."""
+        cfg = self.model.config
+        return PrefillView(self.k, self.v, row, start, n, invariant=invariant, group=cfg.n_head // cfg.n_kv_head)
 
     def first_token(self, row: int, logits: torch.Tensor) -> torch.Tensor:
-        """Pick a row's first id from its prompt's last logits (1, V) with the same sampler as `step`."""
-        r = slice(row, row + 1)
-        ids = self._sample(logits, r, int(self.settings.top_k[row]))
-        self._note(r, ids, torch.ones(1, dtype=torch.bool, device=ids.device))
+        """Pick the first ids of rows [row, row + n) from their prompts' last logits (n, V), with the same
+        sampler as `step`."""
+        r = slice(row, row + logits.shape[0])
+        ids = self._sample(logits, r, int(self.settings.top_k[r].max()))
+        self._note(r, ids, torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device))
         return ids
 
-    def activate(self, row: int, token: torch.Tensor, position: int) -> None:
-        """The row decodes from now on: `token` (1,) is fed at `position`."""
-        self.tokens[row:row + 1] = token
-        self.pos[row] = position
-        self.steps[row] = 1
-        self.active[row] = True
+    def activate(self, row: int, tokens: torch.Tensor, positions: int | list[int]) -> None:
+        """Rows [row, row + n) decode from now on: `tokens` (n,) are fed at `positions` (one per row)."""
+        r = slice(row, row + tokens.shape[0])
+        self.tokens[r] = tokens
+        self.pos[r] = torch.as_tensor(positions, dtype=torch.long).to(self.pos.device, non_blocking=True)
+        self.steps[r] = 1
+        self.active[r] = True
 
     def deactivate(self, row: int) -> None:
         self.active[row] = False
@@ -177,7 +216,13 @@ class Slots:
         if not self.graphs:
             return self._step(b, span, candidates)
         key = (b, 0 if self.fused else span, candidates)  # the fused step reads each row's own length
-        graph, out = self._graphs.get(key) or self._capture(key)
+        if key not in self._graphs:
+            # Every batch size at once: which sizes a run passes through depends on how requests arrive
+            # (a group of prefills joins at once), and a recording mid-run stalls every reply.
+            for size in batch_buckets(self.rows):
+                if (size, *key[1:]) not in self._graphs:
+                    self._capture((size, *key[1:]))
+        graph, out = self._graphs[key]
         graph.replay()
         return out
 
@@ -234,4 +279,3 @@ class Slots:
             out = self._step(*key)
         restore()  # recording does not run the kernels, but be explicit: state is as before the step
         self._graphs[key] = (graph, out)
-        return graph, out

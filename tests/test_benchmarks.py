@@ -83,11 +83,14 @@ def test_serve_benchmark_reports_every_stream_count_for_both_backends(capsys):
     from benchmarks import serve
 
     assert serve.main(["--device", "cpu", "--dtype", "fp32", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-                       "--streams", "1,3", "--prompt-tokens", "12", "--new-tokens", "5", "--json"]) == 0
+                       "--streams", "1,3", "--prompt-tokens", "12", "--new-tokens", "5", "--repeats", "3",
+                       "--json"]) == 0
     result = last_json_line(capsys)
     rows = {(r["backend"], r["streams"]): r for r in result["rows"]}
     assert set(rows) == {("native", 1), ("native", 3), ("hf-threads", 1), ("hf-threads", 3)}
     for r in rows.values():
         assert r["errors"] == 0 and r["agg_tok_s"] > 0 and r["itl_p95_ms"] >= r["itl_p50_ms"]
+        assert sorted(r["agg_tok_s_rounds"])[1] == r["agg_tok_s"]  # the median of three rounds
     assert rows[("native", 3)]["vs_one"] == pytest.approx(rows[("native", 3)]["agg_tok_s"] / rows[("native", 1)]["agg_tok_s"])
-    assert rows[("native", 3)]["same_as_alone"] == 3  # fp32 on CPU: batching changes no reply here
+    assert rows[("native", 3)]["same_as_alone"] == 9  # fp32 on CPU: batching changes no reply here (3 rounds)
+    assert rows[("native", 3)]["same_of"] == 9

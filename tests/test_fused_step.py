@@ -36,7 +36,7 @@ def filled_slots(model: GPT, fused: bool, rows: int = 8) -> Slots:
     slots = Slots(model, rows, 256, fused=fused)
     for r in range(rows):
         prompt = [(13 * r + 7 * j) % model.config.vocab_size for j in range(5 + 29 * r)]
-        slots.start_row(r, prompt, SETTINGS[r % 3], seed=r)
+        slots.start_rows(r, [prompt], [SETTINGS[r % 3]], [r])
         logits = model(torch.tensor([prompt], device="cuda"), cache=slots.prefill_view(r, 0), last_only=True)[:, -1]
         slots.activate(r, slots.first_token(r, logits), len(prompt))
     return slots
@@ -159,6 +159,50 @@ def test_seeded_replies_are_the_same_alone_and_batched_through_the_cuda_engine()
         t.join()
     engine.scheduler.close()
     assert batched == alone
+
+
+@pytest.mark.parametrize("K,N,bias", [(768, 2304, True), (576, 1000, False), (768, 4096, False)])
+def test_prefill_products_give_a_row_the_same_bits_alone_and_among_others(K, N, bias):
+    from gpt.prefill import linear
+
+    torch.manual_seed(0)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16) * 0.1 if bias else None
+    x = torch.randn(2, 700, K, device="cuda", dtype=torch.bfloat16)
+    got = linear(x, w, b)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=2e-2, rtol=2e-2)
+    for rows in (x[1, 300:301], x[1, 123:456], x[:, 5:9]):  # alone, a chunk, a group of two
+        sub = linear(rows.contiguous(), w, b)
+        want = got[1, 300:301] if rows.shape[0] == 1 else got[1, 123:456] if rows.dim() == 2 else got[:, 5:9]
+        assert torch.equal(sub, want)
+
+
+@pytest.mark.parametrize("arch", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_prompts_prefilled_together_give_the_replies_they_give_alone(arch):
+    from gpt.scheduler import Scheduler
+
+    scheduler = Scheduler(model_of(**arch))
+    prompts = [[(11 * i + 3 * j) % 4096 for j in range(2 + 57 * i)] for i in range(7)]
+    alone = [list(scheduler.submit(p, 30, SETTINGS[i % 3], seed=i)) for i, p in enumerate(prompts)]
+    with scheduler._cond:  # queued together: the thread admits them as one group, one prefill forward
+        replies = [scheduler.submit(p, 30, SETTINGS[i % 3], seed=i) for i, p in enumerate(prompts)]
+    together = [list(r) for r in replies]
+    scheduler.close()
+    assert together == alone
+
+
+def test_a_prompt_prefilled_by_a_graph_and_one_cut_into_eager_chunks_give_the_same_reply():
+    from gpt.scheduler import Scheduler
+
+    model = model_of(**LLAMA)
+    prompt = [(7 * j + 1) % 4096 for j in range(150)]
+    whole = Scheduler(model)  # one recorded chunk of 192 positions
+    chunked = Scheduler(model, prefill_chunk=64)  # a recorded first chunk of 64, then two eager ones
+    want = list(whole.submit(prompt, 30, APP_DEFAULT, seed=3))
+    got = list(chunked.submit(prompt, 30, APP_DEFAULT, seed=3))
+    assert whole._prefill_graphs._graphs and chunked._prefill_graphs._graphs
+    whole.close(), chunked.close()
+    assert got == want
 
 
 def test_requests_that_stop_mid_batch_leave_cleanly_while_the_next_step_runs_ahead():

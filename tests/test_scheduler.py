@@ -86,6 +86,58 @@ def test_a_long_prompt_prefilled_in_chunks_gives_the_same_reply():
     assert list(other) == plain_greedy(model, prompts(2)[1], 60)
 
 
+def submit_together(scheduler: Scheduler, jobs: list[tuple[list[int], int]]) -> list:
+    """Submit greedy requests so that the scheduler thread sees them all at its next turn (it takes the lock
+    they are queued under to admit them)."""
+    with scheduler._cond:
+        return [scheduler.submit(p, n, GREEDY) for p, n in jobs]
+
+
+def prefill_batches(model: GPT) -> list[int]:
+    """Rows of every forward that takes more than one position (the prefills), as they happen."""
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]) if args[0].shape[1] > 1 else None)
+    return sizes
+
+
+def test_requests_that_arrive_together_share_one_prefill_forward_per_chunk():
+    model = tiny(**LLAMA)
+    sizes = prefill_batches(model)
+    ps = [prompts(7)[6][:30], prompts(2)[1][:2], prompts(3)[2][:13], prompts(6)[5][:5]]
+    scheduler = Scheduler(model, prefill_chunk=24, prefill_group=8)  # the CUDA default; CPU's is 1
+    replies = [list(r) for r in submit_together(scheduler, [(p, 12) for p in ps])]
+    # Shortest first, 24 prompt tokens a forward: positions 0-5 of all four (the 2- and 5-token prompts end,
+    # padded), 6-17 of the other two (13 ends), then 18-29 of the 30-token prompt alone.
+    assert sizes == [4, 2, 1]
+    assert replies == [plain_greedy(model, p, 12) for p in ps]
+
+
+def test_on_cpu_requests_that_arrive_together_are_prefilled_one_at_a_time():
+    model = tiny()
+    sizes = prefill_batches(model)
+    ps = [prompts(5)[4][:20], prompts(4)[3][:9], prompts(3)[2][:13]]
+    replies = [list(r) for r in submit_together(Scheduler(model), [(p, 6) for p in ps])]
+    assert sizes == [1, 1, 1]  # compute-bound: a group would only make the first wait for the last
+    assert replies == [plain_greedy(model, p, 6) for p in ps]
+
+
+def test_a_prefill_group_survives_cancelled_members_and_requests_that_end_beside_it():
+    model = tiny()
+    scheduler = Scheduler(model, prefill_chunk=8, prefill_group=8)
+    short = scheduler.submit([5, 6, 7], 3, GREEDY)
+    next(short)  # decoding: it ends while the group below is still being prefilled
+    ps = [prompts(9)[8][:40], prompts(6)[5][:20], prompts(8)[7][:33]]
+    replies = submit_together(scheduler, [(p, 8) for p in ps])
+    stalls = iter(range(2))  # the group's first chunk runs, then the 20-token prompt's consumer leaves
+    model.register_forward_pre_hook(
+        lambda _m, args: replies[1].close() if args[0].shape[1] > 1 and next(stalls, None) == 1 else None)
+    assert len(list(short)) == 2
+    assert list(replies[0]) == plain_greedy(model, ps[0], 8)
+    assert list(replies[2]) == plain_greedy(model, ps[2], 8)
+    assert replies[1].finish_reason == "cancelled"
+    assert scheduler.running == 0 and list(scheduler.submit(ps[1], 8, GREEDY)) == plain_greedy(model, ps[1], 8)
+
+
 def test_a_closed_or_dropped_reply_frees_its_row_for_the_next_request():
     scheduler = Scheduler(tiny(), capacity=1)
     first = scheduler.submit([1, 2, 3], 100, GREEDY)
