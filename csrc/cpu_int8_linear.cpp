@@ -1,0 +1,140 @@
+// Weight-only low-precision linear for CPU decoding: y = (x @ W^T) * scale + bias, fp32 activations and output.
+//
+//   torch.ops.nanogpt_cpu.wlinear(x (M, K) fp32, w (N, K) int8 or bf16, scale (N,) fp32 or None, bias or None)
+//
+// Built and loaded by gpt/cpu_int8.py (torch.utils.cpp_extension, -mavx2 -mfma). Why a hand-written kernel:
+// PyTorch's `_weight_int8pack_mm` has its fast path only for AVX-512; on this AVX2 CPU it ran slower than
+// what reading the int8 bytes costs. Here each weight row is read once per group of activation rows,
+// widened in registers (int8 -> int32 -> fp32, or bf16 -> fp32 by a 16-bit shift) and multiplied by fused
+// multiply-adds against fp32 activations, so only the weights lose precision.
+//
+// Batch invariance: every output (m, n) is the same sequence of operations whatever M is (8 lanes along K,
+// the same lane order and the same horizontal sum), so a row's result does not depend on the rows beside it
+// (a seeded reply is the same alone or batched). Threads split the output columns, never K.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace {
+
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline __m256 load8(const at::BFloat16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+inline float scalar(int8_t v) { return static_cast<float>(v); }
+inline float scalar(at::BFloat16 v) { return static_cast<float>(v); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// out[m][n] for MB activation rows x R weight rows starting at (x, w): R * MB accumulators in registers.
+template <typename W, int R, int MB>
+inline void tile(const float* x, int64_t ldx, const W* w, int64_t K, const float* scale, const float* bias,
+                 float* y, int64_t ldy) {
+  __m256 acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t K8 = K & ~int64_t(7);
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = load8(w + r * K + k);
+      for (int m = 0; m < MB; ++m) acc[m][r] = _mm256_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[m][r]);
+      for (int64_t k = K8; k < K; ++k) s += scalar(w[r * K + k]) * x[m * ldx + k];
+      if (scale) s *= scale[r];
+      if (bias) s += bias[r];
+      y[m * ldy + r] = s;
+    }
+  }
+}
+
+// All M rows against weight rows [n0, n1): row groups of 3 (then 2, 1) share each widened weight vector.
+template <typename W, int R>
+void rows_block(const float* x, int64_t M, int64_t ldx, const W* w, int64_t K, const float* scale,
+                const float* bias, float* y, int64_t ldy, int64_t n) {
+  const float* sc = scale ? scale + n : nullptr;
+  const float* bs = bias ? bias + n : nullptr;
+  int64_t m = 0;
+  if (M == 1) {
+    tile<W, R, 1>(x, ldx, w + n * K, K, sc, bs, y + n, ldy);
+    return;
+  }
+  for (; m + 3 <= M; m += 3) tile<W, R, 3>(x + m * ldx, ldx, w + n * K, K, sc, bs, y + m * ldy + n, ldy);
+  if (M - m == 2) tile<W, R, 2>(x + m * ldx, ldx, w + n * K, K, sc, bs, y + m * ldy + n, ldy);
+  else if (M - m == 1) tile<W, R, 1>(x + m * ldx, ldx, w + n * K, K, sc, bs, y + m * ldy + n, ldy);
+}
+
+template <typename W>
+void run(const float* x, int64_t M, int64_t ldx, const W* w, int64_t N, int64_t K, const float* scale,
+         const float* bias, float* y) {
+  // M == 1 streams 8 weight rows per pass (8 independent FMA chains hide the FMA latency); more rows
+  // reuse each widened weight vector 3 times, so 4 weight rows keep 12 accumulators in registers.
+  const int64_t R = M == 1 ? 8 : 4;
+  const int64_t blocks = N / R;
+  // ~64 KB of weights per task: large enough that the fork costs little, small enough for 2+ threads.
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (R * K * int64_t(sizeof(W)) + 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (R == 8) rows_block<W, 8>(x, M, ldx, w, K, scale, bias, y, N, b * 8);
+      else rows_block<W, 4>(x, M, ldx, w, K, scale, bias, y, N, b * 4);
+    }
+  });
+  for (int64_t n = blocks * R; n < N; ++n)  // the last N % R rows, one at a time
+    rows_block<W, 1>(x, M, ldx, w, K, scale, bias, y, N, n);
+}
+
+at::Tensor wlinear(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                   const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "wlinear: x must be (M, K) float32");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x_in.size(1), "wlinear: w must be contiguous (N, K)");
+  TORCH_CHECK(w.scalar_type() == at::kChar || w.scalar_type() == at::kBFloat16, "wlinear: w must be int8 or bf16");
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* sp = nullptr;
+  const float* bp = nullptr;
+  if (scale && scale->defined()) {
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == N,
+                "wlinear: scale must be (N,) contiguous float32");
+    sp = scale->data_ptr<float>();
+  }
+  if (bias && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "wlinear: bias must be (N,) contiguous float32");
+    bp = bias->data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (w.scalar_type() == at::kChar)
+    run(x.data_ptr<float>(), M, x.stride(0), w.data_ptr<int8_t>(), N, K, sp, bp, y.data_ptr<float>());
+  else
+    run(x.data_ptr<float>(), M, x.stride(0), w.data_ptr<at::BFloat16>(), N, K, sp, bp, y.data_ptr<float>());
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nanogpt_cpu, m) {
+  m.def("wlinear(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nanogpt_cpu, CPU, m) {
+  m.impl("wlinear", &wlinear);
+}
