@@ -1,6 +1,7 @@
 // Weight-only low-precision linear for CPU decoding: y = (x @ W^T) * scale + bias, fp32 activations and output.
 //
-//   torch.ops.nanogpt_cpu.wlinear(x (M, K) fp32, w (N, K) int8 or bf16, scale (N,) fp32 or None, bias or None)
+//   torch.ops.nanogpt_cpu.wlinear(x (M, K) fp32, w (N, K) int8 or bf16, scale (N,) / (N, groups) fp32 or None,
+//                                 bias (N,) fp32 or None)
 //
 // Built and loaded by gpt/cpu_int8.py (torch.utils.cpp_extension, -mavx2 -mfma). Why a hand-written kernel:
 // PyTorch's `_weight_int8pack_mm` has its fast path only for AVX-512; on this AVX2 CPU it ran slower than
@@ -40,65 +41,102 @@ inline float hsum(__m256 v) {
 }
 
 // out[m][n] for MB activation rows x R weight rows starting at (x, w): R * MB accumulators in registers.
+// `groups` scales per weight row (scale[r * groups + g] for columns [g * K / groups, (g + 1) * K / groups)):
+// with one group the scale multiplies the finished dot product; with more, each group's partial sums
+// (`part`) are scaled into the accumulators when the group ends.
 template <typename W, int R, int MB>
-inline void tile(const float* x, int64_t ldx, const W* w, int64_t K, const float* scale, const float* bias,
-                 float* y, int64_t ldy) {
+inline void tile(const float* x, int64_t ldx, const W* w, int64_t K, const float* scale, int64_t groups,
+                 const float* bias, float* y, int64_t ldy, const W* next) {
   __m256 acc[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   const int64_t K8 = K & ~int64_t(7);
-  for (int64_t k = 0; k < K8; k += 8) {
-    __m256 xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
-    for (int r = 0; r < R; ++r) {
-      const __m256 wv = load8(w + r * K + k);
-      for (int m = 0; m < MB; ++m) acc[m][r] = _mm256_fmadd_ps(wv, xv[m], acc[m][r]);
+  // The next tile's weight rows are contiguous after these: fetch one cache line of them per step, so
+  // that DRAM streams while this tile computes (the hardware prefetcher alone left int8 rows ~3x slower
+  // from DRAM than from cache).
+  const char* pf = reinterpret_cast<const char*>(next);
+  const int64_t pf_step = std::max<int64_t>(64, R * 8 * int64_t(sizeof(W)));
+  if (groups == 1 || scale == nullptr) {
+    for (int64_t k = 0; k < K8; k += 8, pf += pf_step) {
+      if (next) _mm_prefetch(pf, _MM_HINT_T0);
+      __m256 xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
+      for (int r = 0; r < R; ++r) {
+        const __m256 wv = load8(w + r * K + k);
+        for (int m = 0; m < MB; ++m) acc[m][r] = _mm256_fmadd_ps(wv, xv[m], acc[m][r]);
+      }
+    }
+  } else {  // K8 == K (the caller checks that groups divide K into multiples of 8)
+    const int64_t G = K / groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 part[MB][R];
+      for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
+      for (int64_t k = g * G; k < (g + 1) * G; k += 8, pf += pf_step) {
+        if (next) _mm_prefetch(pf, _MM_HINT_T0);
+        __m256 xv[MB];
+        for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
+        for (int r = 0; r < R; ++r) {
+          const __m256 wv = load8(w + r * K + k);
+          for (int m = 0; m < MB; ++m) part[m][r] = _mm256_fmadd_ps(wv, xv[m], part[m][r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256 sv = _mm256_broadcast_ss(scale + r * groups + g);
+        for (int m = 0; m < MB; ++m) acc[m][r] = _mm256_fmadd_ps(part[m][r], sv, acc[m][r]);
+      }
     }
   }
+  const bool row_scale = scale != nullptr && groups == 1;
   for (int m = 0; m < MB; ++m) {
     for (int r = 0; r < R; ++r) {
       float s = hsum(acc[m][r]);
       for (int64_t k = K8; k < K; ++k) s += scalar(w[r * K + k]) * x[m * ldx + k];
-      if (scale) s *= scale[r];
+      if (row_scale) s *= scale[r];
       if (bias) s += bias[r];
       y[m * ldy + r] = s;
     }
   }
 }
 
-// All M rows against weight rows [n0, n1): row groups of 3 (then 2, 1) share each widened weight vector.
-template <typename W, int R>
-void rows_block(const float* x, int64_t M, int64_t ldx, const W* w, int64_t K, const float* scale,
-                const float* bias, float* y, int64_t ldy, int64_t n) {
-  const float* sc = scale ? scale + n : nullptr;
+// All M rows against weight rows [n, n + R): row groups of 3 (then 2, 1) share each widened weight vector.
+template <typename W, int R, int MB3>
+void rows_block(const float* x, int64_t M, int64_t ldx, const W* w, int64_t N, int64_t K, const float* scale,
+                int64_t groups, const float* bias, float* y, int64_t ldy, int64_t n) {
+  const float* sc = scale ? scale + n * groups : nullptr;
   const float* bs = bias ? bias + n : nullptr;
+  const W* wn = w + n * K;
+  const W* next = n + 2 * R <= N ? wn + R * K : nullptr;
   int64_t m = 0;
-  if (M == 1) {
-    tile<W, R, 1>(x, ldx, w + n * K, K, sc, bs, y + n, ldy);
-    return;
-  }
-  for (; m + 3 <= M; m += 3) tile<W, R, 3>(x + m * ldx, ldx, w + n * K, K, sc, bs, y + m * ldy + n, ldy);
-  if (M - m == 2) tile<W, R, 2>(x + m * ldx, ldx, w + n * K, K, sc, bs, y + m * ldy + n, ldy);
-  else if (M - m == 1) tile<W, R, 1>(x + m * ldx, ldx, w + n * K, K, sc, bs, y + m * ldy + n, ldy);
+  for (; m + MB3 <= M; m += MB3) tile<W, R, MB3>(x + m * ldx, ldx, wn, K, sc, groups, bs, y + m * ldy + n, ldy, m ? nullptr : next);
+  if (M - m == 2) tile<W, R, 2>(x + m * ldx, ldx, wn, K, sc, groups, bs, y + m * ldy + n, ldy, m ? nullptr : next);
+  else if (M - m == 1) tile<W, R, 1>(x + m * ldx, ldx, wn, K, sc, groups, bs, y + m * ldy + n, ldy, m ? nullptr : next);
 }
 
 template <typename W>
 void run(const float* x, int64_t M, int64_t ldx, const W* w, int64_t N, int64_t K, const float* scale,
-         const float* bias, float* y) {
+         int64_t groups, const float* bias, float* y) {
   // M == 1 streams 8 weight rows per pass (8 independent FMA chains hide the FMA latency); more rows
-  // reuse each widened weight vector 3 times, so 4 weight rows keep 12 accumulators in registers.
-  const int64_t R = M == 1 ? 8 : 4;
+  // reuse each widened weight vector 3 times, with 4 weight rows (12 accumulators in registers). Scale
+  // groups need a second set of registers (the group's partial sums): half as many weight rows.
+  const bool grouped = groups > 1;
+  const int64_t R = M == 1 ? (grouped ? 4 : 8) : (grouped ? 2 : 4);
   const int64_t blocks = N / R;
   // ~64 KB of weights per task: large enough that the fork costs little, small enough for 2+ threads.
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (R * K * int64_t(sizeof(W)) + 1));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      if (R == 8) rows_block<W, 8>(x, M, ldx, w, K, scale, bias, y, N, b * 8);
-      else rows_block<W, 4>(x, M, ldx, w, K, scale, bias, y, N, b * 4);
+      switch (R) {
+        case 8: rows_block<W, 8, 1>(x, M, ldx, w, N, K, scale, groups, bias, y, N, b * 8); break;
+        case 4: if (grouped) rows_block<W, 4, 1>(x, M, ldx, w, N, K, scale, groups, bias, y, N, b * 4);
+                else rows_block<W, 4, 3>(x, M, ldx, w, N, K, scale, groups, bias, y, N, b * 4);
+                break;
+        default: rows_block<W, 2, 3>(x, M, ldx, w, N, K, scale, groups, bias, y, N, b * 2);
+      }
     }
   });
   for (int64_t n = blocks * R; n < N; ++n)  // the last N % R rows, one at a time
-    rows_block<W, 1>(x, M, ldx, w, K, scale, bias, y, N, n);
+    rows_block<W, 1, 3>(x, M, ldx, w, N, K, scale, groups, bias, y, N, n);
 }
 
 at::Tensor wlinear(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
@@ -110,9 +148,13 @@ at::Tensor wlinear(const at::Tensor& x_in, const at::Tensor& w, const c10::optio
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const float* sp = nullptr;
   const float* bp = nullptr;
+  int64_t groups = 1;
   if (scale && scale->defined()) {
-    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == N,
-                "wlinear: scale must be (N,) contiguous float32");
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->size(0) == N &&
+                    scale->dim() <= 2, "wlinear: scale must be (N,) or (N, groups) contiguous float32");
+    groups = scale->dim() == 2 ? scale->size(1) : 1;
+    TORCH_CHECK(groups >= 1 && K % groups == 0 && (groups == 1 || (K / groups) % 8 == 0),
+                "wlinear: scale groups must split K into equal multiples of 8");
     sp = scale->data_ptr<float>();
   }
   if (bias && bias->defined()) {
@@ -123,9 +165,9 @@ at::Tensor wlinear(const at::Tensor& x_in, const at::Tensor& w, const c10::optio
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (w.scalar_type() == at::kChar)
-    run(x.data_ptr<float>(), M, x.stride(0), w.data_ptr<int8_t>(), N, K, sp, bp, y.data_ptr<float>());
+    run(x.data_ptr<float>(), M, x.stride(0), w.data_ptr<int8_t>(), N, K, sp, groups, bp, y.data_ptr<float>());
   else
-    run(x.data_ptr<float>(), M, x.stride(0), w.data_ptr<at::BFloat16>(), N, K, sp, bp, y.data_ptr<float>());
+    run(x.data_ptr<float>(), M, x.stride(0), w.data_ptr<at::BFloat16>(), N, K, sp, groups, bp, y.data_ptr<float>());
   return y;
 }
 

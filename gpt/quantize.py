@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt import cpu_int8
 from gpt.device import pick_dtype
 
 WEIGHT_FORMATS = ("int8", "bf16", "fp32")
@@ -44,6 +45,7 @@ CPU_DEFAULT = "fp32"
 # this CPU bf16 matrix-vector products cost only ~25 % more per weight than the int8 kernel, so the mix
 # stays the fastest format that keeps quality.
 INT8_BF16_MODULES: tuple[str, ...] = ("lm_head", "mlp.c_fc")
+INT8_GROUP = 64  # inputs per int8 scale (where the kernel runs): see INT8_BF16_MODULES
 MATVEC_MAX_ROWS = 16  # products with more rows upcast the weight and run fp32 GEMM (faster there, see above)
 
 
@@ -82,8 +84,8 @@ def resolve_weight_format(weights: str | None, device: torch.device,
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (q int8 (N, K), scale bf16 (N,)) with q * scale ≈ weight.
 
-    The scale is rounded to bf16 (what the kernel takes) before quantising, so q * scale is exactly the
-    weight the kernel multiplies by.
+    The scale is rounded to bf16 (what `_weight_int8pack_mm` takes) before quantising, so q * scale is
+    exactly the weight the kernel multiplies by.
     """
     w = weight.detach().float()
     scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
@@ -91,15 +93,41 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class Int8Linear(nn.Module):
-    """An nn.Linear with int8 weights; input (..., K) in any leading shape, output in the input's dtype."""
+def quantize_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one fp32 scale per `group` consecutive inputs of a row: (q (N, K), scale (N, K/group))."""
+    w = weight.detach().float()
+    n, k = w.shape
+    blocks = w.view(n, k // group, group)
+    scale = (blocks.abs().amax(dim=2) / 127).clamp(min=1e-12)
+    q = torch.round(blocks / scale[:, :, None]).clamp(-127, 127).to(torch.int8).view(n, k)
+    return q, scale
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+
+class Int8Linear(nn.Module):
+    """An nn.Linear with int8 weights; input (..., K) in any leading shape, output in the input's dtype.
+
+    Decode-sized fp32 inputs (up to MATVEC_MAX_ROWS rows) run gpt/cpu_int8.py's AVX2 kernel: fp32
+    activations times the int8 weight widened in registers, times the row's scale. Longer inputs (a
+    prompt) run fp32 GEMM on the dequantised weight: the same products, summed in another order. Without
+    the kernel (no AVX2, no compiler) it is PyTorch's `_weight_int8pack_mm`, with its bf16 rounding.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int | None = None):
+        """`group`: inputs per scale (INT8_GROUP where the kernel runs and divides K; else one per row)."""
         super().__init__()
-        q, scale = quantize_rows(weight)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        if group is None:
+            group = INT8_GROUP if self.in_features % INT8_GROUP == 0 and cpu_int8.available() else self.in_features
+        self.group = group
+        if group == self.in_features:
+            q, scale = quantize_rows(weight)
+            scale32 = scale.float()
+        else:  # only the kernel takes groups; without it, `forward` multiplies the dequantised weight
+            q, scale32 = quantize_groups(weight, group)
+            scale = scale32
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
+        self.register_buffer("scale32", scale32, persistent=False)  # what the kernel takes
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
@@ -107,11 +135,21 @@ class Int8Linear(nn.Module):
         return cls(linear.weight, linear.bias).to(linear.weight.device)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
+        n, k = self.qweight.shape
+        groups = self.scale32.view(n, -1)
+        w = self.qweight.to(dtype).view(n, groups.shape[1], -1) * groups.to(dtype)[:, :, None]
+        return w.view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= MATVEC_MAX_ROWS:
+        if _kernel_takes(rows):
+            if rows.shape[0] <= MATVEC_MAX_ROWS:
+                y = cpu_int8.wlinear(rows, self.qweight, self.scale32, self.bias)
+            else:
+                y = F.linear(rows, self.dequantized(), self.bias)
+        elif self.group != self.in_features:  # groups, and no kernel here (a model moved to another machine)
+            y = F.linear(rows, self.dequantized(rows.dtype), self.bias)
+        elif rows.shape[0] <= MATVEC_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
@@ -122,14 +160,23 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group={self.group}")
+
+
+def _kernel_takes(rows: torch.Tensor) -> bool:
+    """gpt/cpu_int8.py's kernel computes this product (fp32 CPU activations, kernel built)."""
+    return rows.dtype == torch.float32 and rows.device.type == "cpu" and cpu_int8.available()
 
 
 class Bf16Linear(nn.Module):
-    """An nn.Linear with bf16 weights in an fp32 model: products take bf16-rounded activations and round
-    their output to bf16 (what a bf16 model's products compute) while norms, attention and the residual
-    stream stay fp32. Long inputs (a prompt) run fp32 GEMM on the upcast weight: CPUs without native bf16
-    arithmetic multiply many rows in bf16 several times slower than in fp32."""
+    """An nn.Linear with bf16 weights in an fp32 model; norms, attention and the residual stream stay fp32.
+
+    Decode-sized fp32 inputs run gpt/cpu_int8.py's kernel (fp32 activations times the bf16 weight widened
+    in registers); longer ones fp32 GEMM on the upcast weight (CPUs without native bf16 arithmetic multiply
+    many rows in bf16 several times slower than in fp32). Without the kernel, products take bf16-rounded
+    activations and round their output to bf16 (what a bf16 model's products compute).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -142,7 +189,14 @@ class Bf16Linear(nn.Module):
         return cls(linear.weight, linear.bias).to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = x.reshape(-1, self.in_features)
+        if _kernel_takes(rows):
+            if rows.shape[0] <= MATVEC_MAX_ROWS:
+                y = cpu_int8.wlinear(rows, self.weight, None, self.bias)
+            else:
+                y = F.linear(rows, self.weight.float(), self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
+        rows = rows.to(torch.bfloat16)
         if rows.shape[0] <= MATVEC_MAX_ROWS:
             y = F.linear(rows, self.weight)
         else:
