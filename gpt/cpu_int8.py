@@ -3,6 +3,7 @@
     from gpt import cpu_int8
     if cpu_int8.available():                                   # compiles once (~1 min), then loads from cache
         y = cpu_int8.wlinear(x, qweight, scale, bias)          # x (M, K) fp32; qweight (N, K) int8 or bf16
+        h = cpu_int8.rms_norm(x, norm_weight, eps)             # RMSNorm in one op (decode steps: gpt/quantize.py)
 
 `y = (x @ w.T) * scale + bias` in fp32 with the weight widened in registers (gpt/quantize.py's Int8Linear and
 Bf16Linear use it for decode-sized inputs on CPU). Why hand-written (measured, docs/benchmarks.md): PyTorch's
@@ -57,6 +58,7 @@ def _load() -> bool:
              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
         _state["op"] = torch.ops.nanogpt_cpu.wlinear.default  # raises if the library did not register
+        _state["rms_norm"] = torch.ops.nanogpt_cpu.rms_norm.default
     except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch's ops
         return _unavailable(f"building it failed ({type(e).__name__}: {str(e).strip().splitlines()[-1:]})")
     return True
@@ -86,3 +88,8 @@ def wlinear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
             raise RuntimeError("the int8/bf16 CPU kernel is unavailable (see the log): use PyTorch's ops")
         op = _state["op"]
     return op(x, weight, scale, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2, -1) + eps) * weight in one op (fp32; `available()` must be True)."""
+    return _state["rms_norm"](x, weight, eps)

@@ -1,25 +1,24 @@
-"""Weight formats for serving a native model: int8 (weight-only, per-output-channel scales), bf16, fp32.
+"""Weight formats for serving a native model: int8 (weight-only, a scale per 32 inputs of a row), bf16, fp32.
 
     model, tokenizer, meta = load_checkpoint(path)       # full precision, as trained and saved
-    apply_weight_format(model, "int8")                   # in place: nn.Linear -> Int8Linear (INT8_BF16_MODULES bf16)
+    apply_weight_format(model, "int8")                   # in place: nn.Linear -> Int8Linear
     check_weight_format("int4")                          # ValueError that names the formats
     fmt, dtype = resolve_weight_format("auto", torch.device("cpu"), None)   # (CPU_DEFAULT, torch.float32)
 
 Checkpoints stay full precision (fine-tuning trains those); a model is quantised when it is loaded for
 serving, so a fine-tuned checkpoint is served in the same format as the bundled one.
 
-Why int8 this way (measured on the 2-core CPU, docs/benchmarks.md): batch-1 decoding streams every weight
-once per token, so a quarter of fp32's bytes is most of the win. `torch.ops.aten._weight_int8pack_mm`
-(PyTorch's own weight-only int8 kernel, the route torchchat uses) multiplies bf16 activations by int8
-weights with per-row scales; activations stay unquantised, so only the weights lose precision. It is a
-matrix-vector kernel: beyond `MATVEC_MAX_ROWS` rows (a prompt's prefill) fp32 GEMM is faster on CPUs
-without native bf16 arithmetic, so those products dequantise the weight and run fp32 GEMM, rounding
-activations and outputs to bf16 as the kernel does: a prompt's prefill computes what decoding computes.
-`bf16` on CPU stores the products' weights in bf16 the same way (Bf16Linear). The int8 format keeps a few
-products in bf16 (INT8_BF16_MODULES: the head and the MLP's gate|up, measured to keep answers right). The
-rest of the model (norms, attention, KV cache, residual stream, embedding lookup) stays in the model's
-dtype (fp32 on CPU). The tied head gets its own copy; the embedding table keeps its rows for the lookup,
-which reads one row per token.
+Why int8 this way (measured on the 2-core AVX2 CPU, docs/benchmarks.md): batch-1 decoding streams every
+weight once per token, so a quarter of fp32's bytes is most of the win. Decode-sized products (up to
+`MATVEC_MAX_ROWS` rows) run gpt/cpu_int8.py's AVX2 kernel: fp32 activations times the int8 weight widened
+in registers, one fp32 scale per `INT8_GROUP` inputs of a row (finer than one per row: that lost two of
+the 12 quality answers); only the weights lose precision. Longer inputs (a prompt's prefill) run fp32 GEMM
+on the dequantised weight, the same products summed in another order. Without the kernel (no AVX2/FMA, no
+compiler: one logged line) int8 takes one bf16 scale per row and PyTorch's `_weight_int8pack_mm` (bf16
+activations; fast only on AVX-512 CPUs). `bf16` on CPU stores the products' weights in bf16 the same way
+(Bf16Linear). The rest of the model (norms, attention, KV cache, residual stream, embedding lookup) stays
+in the model's dtype (fp32 on CPU); RMSNorm runs as the kernel's one op. The tied head gets its own copy;
+the embedding table keeps its rows for the lookup, which reads one row per token.
 """
 
 from __future__ import annotations
@@ -30,22 +29,20 @@ import torch.nn.functional as F
 
 from gpt import cpu_int8
 from gpt.device import pick_dtype
+from gpt.model import RMSNorm
 
 WEIGHT_FORMATS = ("int8", "bf16", "fp32")
-# What `auto` serves on CPU (docs/benchmarks.md, 2026-11-22): fp32. int8 (with INT8_BF16_MODULES in bf16)
-# answers the 12 quality questions as fp32 does and decodes ONE stream fastest (1.73x transformers fp32 vs
-# fp32's 1.14x, 2 threads, quiet box), but the app serves every session through one batched engine, and
-# there int8 loses: 8 concurrent streams gave 37.0 tok/s in all against fp32's 59.6, and only 1 of 8 seeded
-# replies stayed the same alone and batched (fp32: 8 of 8; its matrix-vector kernels' rounding depends on
-# the batch). So int8 is one setting away (`weights = "int8"`) for a single user who wants the speed.
-CPU_DEFAULT = "fp32"
-# Products the int8 format keeps in bf16 (a module path or its last parts; measured, docs/benchmarks.md):
-# with every product in int8, SmolLM2 answered one of the 12 quality questions wrongly; the head (a quarter
-# of int8's divergence from fp32) and the MLP's gate|up products in bf16 answer all 12 as fp32 does. On
-# this CPU bf16 matrix-vector products cost only ~25 % more per weight than the int8 kernel, so the mix
-# stays the fastest format that keeps quality.
-INT8_BF16_MODULES: tuple[str, ...] = ("lm_head", "mlp.c_fc")
-INT8_GROUP = 64  # inputs per int8 scale (where the kernel runs): see INT8_BF16_MODULES
+# What `auto` serves on CPU (docs/benchmarks.md, 2026-11-22 round 4): int8, with gpt/cpu_int8.py's kernel
+# (fp32 activations, one scale per INT8_GROUP inputs). On the 2-core box, one engine for all sessions:
+# 1 stream 32.7 tok/s against fp32's 15.8, 8 concurrent streams 82.6 tok/s against packed fp32's 59.0,
+# seeded replies the same alone and batched (8 of 8, as fp32), the 12 quality questions answered as fp32
+# does, ppl_ratio 1.0050. Where the kernel cannot be built, `auto` is fp32 (int8 would batch worse).
+CPU_DEFAULT = "int8"
+# Products the int8 format keeps in bf16 (a module path or its last parts). None since round 4: with one
+# scale per 32 inputs every product in int8 answers the 12 quality questions as fp32 does (one scale per
+# row: 10 of 12; per 64 inputs: 11 of 12, "2 + 2" a near-tie), so the head and gate|up need no bf16 copy.
+INT8_BF16_MODULES: tuple[str, ...] = ()
+INT8_GROUP = 32  # inputs per int8 scale where the kernel runs (ppl_ratio 1.0050; per row 1.0105)
 MATVEC_MAX_ROWS = 16  # products with more rows upcast the weight and run fp32 GEMM (faster there, see above)
 
 
@@ -68,8 +65,8 @@ def resolve_weight_format(weights: str | None, device: torch.device,
     weights = check_weight_format(weights or "auto", allow_auto=True)
     asked = dtype not in (None, "", "auto")
     if weights == "auto":
-        if device.type == "cpu" and not asked:
-            weights = CPU_DEFAULT
+        if device.type == "cpu" and not asked:  # int8 without the kernel batches worse than fp32 (round 3)
+            weights = CPU_DEFAULT if CPU_DEFAULT != "int8" or cpu_int8.available() else "fp32"
         else:
             return None, pick_dtype(dtype, device)
     load_dtype = torch.bfloat16 if weights == "bf16" and device.type != "cpu" else torch.float32
@@ -215,7 +212,8 @@ def apply_weight_format(model: nn.Module, weights: str | None) -> nn.Module:
 
     fp32: unchanged (its dtype is the caller's). int8 (CPU only: the kernel is a CPU kernel here) and bf16
     on CPU: every nn.Linear becomes an Int8Linear / Bf16Linear, a head tied to the embedding gets its own
-    copy and the embedding keeps its full-precision rows for the lookup. bf16 on a GPU: the whole model.
+    copy and the embedding keeps its full-precision rows for the lookup; RMSNorms run the kernel's one-op
+    form (KernelRMSNorm) where the kernel is built. bf16 on a GPU: the whole model.
     """
     if weights is None:
         return model
@@ -229,7 +227,22 @@ def apply_weight_format(model: nn.Module, weights: str | None) -> nn.Module:
         with torch.no_grad():
             _swap_linears(model, Int8Linear if weights == "int8" else Bf16Linear,
                           keep_bf16=INT8_BF16_MODULES if weights == "int8" else ())
+        if cpu_int8.available():
+            for m in model.modules():
+                if type(m) is RMSNorm:
+                    m.__class__ = KernelRMSNorm
     return model
+
+
+class KernelRMSNorm(RMSNorm):
+    """RMSNorm through the kernel's one-op form (gpt/cpu_int8.py) where no gradient is needed: PyTorch's
+    CPU rms_norm is ~7 ops, 61 times in a SmolLM2 decode step. Same parameters, same state_dict."""
+
+    def forward(self, x):
+        if (x.dtype == torch.float32 == self.weight.dtype and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return cpu_int8.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
 
 
 def _swap_linears(module: nn.Module, cls, keep_bf16=(), prefix: str = "") -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import cpu_int8
-from gpt.quantize import Int8Linear, quantize_groups, quantize_rows
+from gpt.quantize import INT8_GROUP, Int8Linear, quantize_groups, quantize_rows
 
 pytestmark = pytest.mark.skipif(not cpu_int8.cpu_supports_avx2(), reason="the kernel needs AVX2 and FMA")
 
@@ -90,7 +90,7 @@ def test_int8_linear_runs_the_kernel_for_decode_rows_and_fp32_gemm_for_a_prompt(
     g = torch.Generator().manual_seed(5)
     lin = torch.nn.Linear(128, 96)
     q = Int8Linear.from_linear(lin)
-    assert q.group == 64 and q.scale32.shape == (96, 2)  # scale groups where the kernel runs
+    assert q.group == INT8_GROUP and q.scale32.shape == (96, 128 // INT8_GROUP)  # scale groups: the kernel runs
     x = torch.randn(1, 20, 128, generator=g)
     reference = F.linear(x, q.dequantized(), lin.bias)
     torch.testing.assert_close(q(x), reference, atol=1e-4, rtol=1e-4)  # 20 rows: fp32 GEMM
@@ -109,3 +109,21 @@ def test_without_the_kernel_one_line_is_logged_and_pytorchs_ops_serve(monkeypatc
     assert q.group == 128  # one scale per row: what `_weight_int8pack_mm` takes
     x = torch.randn(2, 128)
     assert (q(x) - lin(x)).abs().max() < 0.03 * lin(x).abs().max()
+
+
+def test_kernel_rms_norm_equals_the_model_norm_and_leaves_training_to_pytorch(kernel):
+    from gpt.model import RMSNorm
+    from gpt.quantize import KernelRMSNorm
+
+    g = torch.Generator().manual_seed(6)
+    norm = RMSNorm(37, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(37, generator=g))
+    x = torch.randn(2, 3, 37, generator=g) * 4
+    reference = norm(x)
+    norm.__class__ = KernelRMSNorm
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), reference, atol=1e-5, rtol=1e-5)
+    x.requires_grad_(True)
+    norm(x).sum().backward()  # a gradient is wanted: PyTorch's ops, which autograd can follow
+    assert x.grad is not None and norm.weight.grad is not None
