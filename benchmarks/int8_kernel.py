@@ -6,8 +6,8 @@
 For each weight shape (N outputs x K inputs) and each number of activation rows M it times, alternating in
 one process: fp32 `F.linear`, fp32 on the oneDNN-packed weight (gpt/packed_linear.py, what the batched CPU
 engine runs), bf16 `F.linear`, PyTorch's `_weight_int8pack_mm` (bf16 activations), and the kernel with int8
-and with bf16 weights. It prints the median time per product, its effective weight bandwidth (weight bytes /
-time) and each time's ratio to fp32 `F.linear`. At one thread (OMP_NUM_THREADS=1) the time is the thread's
+(one scale per INT8_GROUP inputs, as served) and with bf16 weights. It prints the median time per
+product, its effective weight bandwidth (weight bytes / time) and each time's ratio to fp32 `F.linear`. At one thread (OMP_NUM_THREADS=1) the time is the thread's
 CPU time, so that on a shared, loaded machine the figures leave out the time other processes held the core.
 """
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from benchmarks.measure import median
 from gpt import cpu_int8
-from gpt.quantize import quantize_rows
+from gpt.quantize import INT8_GROUP, quantize_groups, quantize_rows
 
 SHAPES = {"attn.c_attn": (960, 576), "attn.c_proj": (576, 576), "mlp.c_fc": (3072, 576),
           "mlp.c_proj": (576, 1536), "lm_head": (49152, 576)}
@@ -45,8 +45,8 @@ def bench_shape(n: int, k: int, m: int, repeats: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g) * 0.05
     x = torch.randn(m, k, generator=g)
-    q, scale = quantize_rows(w)
-    scale32 = scale.float()
+    q, scale = quantize_rows(w)  # one bf16 scale per row: what _weight_int8pack_mm takes
+    qg, scale_g = quantize_groups(w, INT8_GROUP)  # what Int8Linear serves where the kernel runs
     wb = w.to(torch.bfloat16)
     xb = x.to(torch.bfloat16)
     fns = {"fp32": lambda: F.linear(x, w), "bf16": lambda: F.linear(xb, wb),
@@ -55,7 +55,7 @@ def bench_shape(n: int, k: int, m: int, repeats: int) -> dict[str, float]:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
         fns["fp32 packed"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     if cpu_int8.available():
-        fns["kernel int8"] = lambda: cpu_int8.wlinear(x, q, scale32)
+        fns["kernel int8"] = lambda: cpu_int8.wlinear(x, qg, scale_g)
         fns["kernel bf16"] = lambda: cpu_int8.wlinear(x, wb)
     inner = max(1, int(2e7 // (n * k)))  # ~20M weights per timing: long enough to time, short on 2 cores
     times: dict[str, list[float]] = {name: [] for name in fns}

@@ -18,7 +18,9 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -203,14 +205,97 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w, double eps) {
   return y;
 }
 
+// One query per row (a decode step) against its cached keys and values: softmax(q k^T / sqrt(hd) + mask) v.
+// q (B, H, 1, hd); k, v (B, KVH, S, hd) with unit stride in hd (any other strides: views of the slot cache);
+// mask (B, 1, 1, S) additive fp32. Positions whose mask is -inf are skipped, so a row reads only its own
+// keys and values (PyTorch's SDPA reads all S, 2-3x the bytes here), and a row's result does not depend
+// on S or on the other rows. Each key and value row is read once for the H / KVH query heads sharing it.
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& mask_in) {
+  TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q_in.size(2) == 1 && q_in.scalar_type() == at::kFloat
+                  && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && mask_in.scalar_type() == at::kFloat,
+              "decode_attention: fp32 q (B, H, 1, hd), k and v (B, KVH, S, hd), mask (B, 1, 1, S)");
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor mask = mask_in.expand({k.size(0), 1, 1, k.size(2)}).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), KVH = k.size(1), S = k.size(2);
+  TORCH_CHECK(H % KVH == 0 && k.size(3) == hd && v.sizes() == k.sizes() && k.stride(3) == 1 && v.stride(3) == 1 &&
+                  hd % 8 == 0 && hd <= 256, "decode_attention: shapes (hd a multiple of 8, <= 256)");
+  const int64_t G = H / KVH;
+  at::Tensor out = at::empty({B, H, 1, hd}, q.options());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* mp = mask.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(G * S);
+    std::vector<float> acc(G * hd);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / KVH, h = t % KVH;
+      const float* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + h * v.stride(1);
+      const float* mb = mp + b * S;
+      const float* qb = qp + (b * H + h * G) * hd;
+      float mx[32];
+      const int64_t g_n = std::min<int64_t>(G, 32);
+      TORCH_CHECK(G <= 32, "decode_attention: at most 32 query heads per key head");
+      for (int64_t g = 0; g < g_n; ++g) mx[g] = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (std::isinf(mb[s]) && mb[s] < 0) {
+          for (int64_t g = 0; g < G; ++g) scores[g * S + s] = -INFINITY;
+          continue;
+        }
+        const float* kr = kb + s * k.stride(2);
+        for (int64_t g = 0; g < G; ++g) {
+          __m256 a = _mm256_setzero_ps();
+          for (int64_t d = 0; d < hd; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qb + g * hd + d), _mm256_loadu_ps(kr + d), a);
+          const float sc = hsum(a) * scale + mb[s];
+          scores[g * S + s] = sc;
+          mx[g] = std::max(mx[g], sc);
+        }
+      }
+      float denom[32];
+      for (int64_t g = 0; g < G; ++g) {
+        float sum = 0.f;
+        for (int64_t s = 0; s < S; ++s) {
+          const float e = std::isinf(scores[g * S + s]) ? 0.f : std::exp(scores[g * S + s] - mx[g]);
+          scores[g * S + s] = e;
+          sum += e;
+        }
+        denom[g] = sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t s = 0; s < S; ++s) {
+        if (std::isinf(mb[s]) && mb[s] < 0) continue;
+        const float* vr = vb + s * v.stride(2);
+        for (int64_t g = 0; g < G; ++g) {
+          const __m256 p = _mm256_set1_ps(scores[g * S + s]);
+          float* ag = acc.data() + g * hd;
+          for (int64_t d = 0; d < hd; d += 8)
+            _mm256_storeu_ps(ag + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(ag + d)));
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* o = op + (b * H + h * G + g) * hd;
+        const float inv = 1.0f / denom[g];
+        for (int64_t d = 0; d < hd; ++d) o[d] = acc[g * hd + d] * inv;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nanogpt_cpu, m) {
   m.def("wlinear(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nanogpt_cpu, CPU, m) {
   m.impl("wlinear", &wlinear);
   m.impl("rms_norm", &rms_norm);
+  m.impl("decode_attention", &decode_attention);
 }

@@ -59,6 +59,7 @@ def _load() -> bool:
              is_python_module=False, verbose=False)
         _state["op"] = torch.ops.nanogpt_cpu.wlinear.default  # raises if the library did not register
         _state["rms_norm"] = torch.ops.nanogpt_cpu.rms_norm.default
+        _state["decode_attention"] = torch.ops.nanogpt_cpu.decode_attention.default
     except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch's ops
         return _unavailable(f"building it failed ({type(e).__name__}: {str(e).strip().splitlines()[-1:]})")
     return True
@@ -88,6 +89,12 @@ def wlinear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
             raise RuntimeError("the int8/bf16 CPU kernel is unavailable (see the log): use PyTorch's ops")
         op = _state["op"]
     return op(x, weight, scale, bias)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA for one query per row: q (B, H, 1, hd), k/v (B, KVH, S, hd), additive mask (B, 1, 1, S), fp32.
+    Masked (-inf) positions are never read: a row reads only its own cache (`available()` must be True)."""
+    return _state["decode_attention"](q, k, v, mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

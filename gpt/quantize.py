@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from gpt import cpu_int8
 from gpt.device import pick_dtype
-from gpt.model import RMSNorm
+from gpt.model import CausalSelfAttention, RMSNorm
 
 WEIGHT_FORMATS = ("int8", "bf16", "fp32")
 # What `auto` serves on CPU (docs/benchmarks.md, 2026-11-22 round 4): int8, with gpt/cpu_int8.py's kernel
@@ -231,6 +231,8 @@ def apply_weight_format(model: nn.Module, weights: str | None) -> nn.Module:
             for m in model.modules():
                 if type(m) is RMSNorm:
                     m.__class__ = KernelRMSNorm
+                elif isinstance(m, CausalSelfAttention):
+                    m.decode_kernel = cpu_int8.decode_attention
     return model
 
 

@@ -127,3 +127,20 @@ def test_kernel_rms_norm_equals_the_model_norm_and_leaves_training_to_pytorch(ke
     x.requires_grad_(True)
     norm(x).sum().backward()  # a gradient is wanted: PyTorch's ops, which autograd can follow
     assert x.grad is not None and norm.weight.grad is not None
+
+
+def test_decode_attention_equals_sdpa_and_reads_only_each_rows_own_positions(kernel):
+    g = torch.Generator().manual_seed(7)
+    b, kv_heads, group, hd, span = 3, 2, 3, 32, 50
+    cache_k, cache_v = (torch.randn(b, kv_heads, 80, hd, generator=g) for _ in range(2))
+    k, v = cache_k[:, :, :span], cache_v[:, :, :span]  # views of a longer cache, as the slots hand them over
+    q = torch.randn(b, kv_heads * group, 1, hd, generator=g)
+    pos = torch.tensor([0, 17, 49])
+    hidden = torch.arange(span)[None, :] > pos[:, None]
+    mask = torch.zeros(b, 1, 1, span).masked_fill_(hidden.view(b, 1, 1, span), float("-inf"))
+    out = cpu_int8.decode_attention(q, k, v, mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+                               atol=1e-5, rtol=1e-5)
+    k[hidden[:, None, :].expand(b, kv_heads, span)] = float("nan")  # what a row must not read
+    alone = torch.cat([cpu_int8.decode_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1]) for i in range(b)])
+    assert torch.equal(cpu_int8.decode_attention(q, k, v, mask), out) and torch.equal(alone, out)
