@@ -34,7 +34,7 @@ from gpt.model import CausalSelfAttention, RMSNorm
 WEIGHT_FORMATS = ("int8", "bf16", "fp32")
 # What `auto` serves on CPU (docs/benchmarks.md, 2026-11-22 round 4): int8, with gpt/cpu_int8.py's kernel
 # (fp32 activations, one scale per INT8_GROUP inputs). On the 2-core box, one engine for all sessions:
-# 1 stream 32.7 tok/s against fp32's 15.8, 8 concurrent streams 82.6 tok/s against packed fp32's 59.0,
+# 1 stream 50.1 tok/s against fp32's 24.1, 8 concurrent streams 147.6 tok/s against packed fp32's 115.0,
 # seeded replies the same alone and batched (8 of 8, as fp32), the 12 quality questions answered as fp32
 # does, ppl_ratio 1.0050. Where the kernel cannot be built, `auto` is fp32 (int8 would batch worse).
 CPU_DEFAULT = "int8"
