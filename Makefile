@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml | $(PY)
 assets: $(STAMP)
 	$(PY) -m gpt.assets fetch
 	@test -f $(NATIVE_DEFAULT)/model.safetensors || $(PY) -m gpt.convert bundled $(NATIVE_DEFAULT)
+	$(PY) -c "from gpt import cpu_int8; cpu_int8.available()"  # build the CPU int8 kernel once (cached)
 
 # Browser tests drive Debian's Chromium (never `playwright install`, which downloads its own browser).
 browser:

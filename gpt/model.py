@@ -130,6 +130,8 @@ def apply_rope(x, cos, sin):
 
 
 class CausalSelfAttention(nn.Module):
+    decode_kernel = None  # a one-query attention op for decode steps (gpt/cpu_int8.py), where set
+
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -152,10 +154,13 @@ class CausalSelfAttention(nn.Module):
         mask, causal = None, True
         if cache is not None:  # a KVCache, or the scheduler's per-row slots (gpt/slots.py)
             k, v, mask, causal = cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-            dropout_p=cfg.dropout if self.training else 0.0,
-            enable_gqa=k.shape[1] != q.shape[1])  # a cache may hand back the key heads repeated
+        if self.decode_kernel and T == 1 and mask is not None and not torch.is_grad_enabled():
+            y = self.decode_kernel(q, k, v, mask)  # set by gpt/quantize.py for CPU int8/bf16 serving
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                dropout_p=cfg.dropout if self.training else 0.0,
+                enable_gqa=k.shape[1] != q.shape[1])  # a cache may hand back the key heads repeated
         y = y.transpose(1, 2).reshape(B, T, cfg.n_embd)
         return self.resid_dropout(self.c_proj(y))
 
