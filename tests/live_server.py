@@ -43,6 +43,7 @@ stop = []
 label = "Tiny native GPT-2"
 kind = "native"
 checkpoint = {json.dumps(str(native_ckpt))}
+weights = "fp32"  # the same arithmetic as transformers' entry (the CPU default, int8, is pinned in test_cpu_int8)
 
 [backends.hf]
 label = "Tiny transformers GPT-2"
