@@ -31,7 +31,7 @@ def _one_sentence(message: str) -> None:
 
 def test_app_config_has_the_app_settings_generation_defaults_and_three_backends():
     config = load_config()
-    assert config["app"]["default_backend"] == "smollm2"
+    assert config["app"]["default_backend"] == "native"  # the batched engine, serving fine-tunes too
     assert config["app"]["history"] == "chat_history.jsonl"
     assert config["app"]["ready_for_finetune"] == 10 and config["app"]["system_prompt"]
     assert generation_defaults(config) == GenerationConfig()  # the defaults, in one place each
